@@ -1,0 +1,296 @@
+// CPU kernels. The dense GEMMs (x W^T + b and, when routing, x V_stacked^T) go to
+// ATen/BLAS; the per-row residuals, standardised softmax, top-k, threshold, weights,
+// the per-task shrink and the expand over the selected tasks are the hand-written
+// loops below, parallel over rows or output columns and vectorised in grouped_dot.h.
+// Extra memory is O(N * T * r) (the projections), never O(N * T * d).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "routing.h"
+
+namespace mass_ext {
+namespace cpu {
+
+namespace baseline {
+#include "cpu/lowrank_tiles.h"
+}  // namespace baseline
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MASS_EXT_HAS_AVX2_PATH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/lowrank_tiles.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool cpu_has_avx2_fma() {
+#ifdef MASS_EXT_HAS_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The same kernels, run with the widest instruction set this CPU has.
+template <typename acc_t, typename scalar_t, typename... Args>
+void expand_columns(Args... args) {
+#ifdef MASS_EXT_HAS_AVX2_PATH
+  if (cpu_has_avx2_fma()) return avx2::expand_columns<acc_t, scalar_t>(args...);
+#endif
+  baseline::expand_columns<acc_t, scalar_t>(args...);
+}
+
+template <typename acc_t, typename scalar_t, typename... Args>
+void shrink_rows(Args... args) {
+#ifdef MASS_EXT_HAS_AVX2_PATH
+  if (cpu_has_avx2_fma()) return avx2::shrink_rows<acc_t, scalar_t>(args...);
+#endif
+  baseline::shrink_rows<acc_t, scalar_t>(args...);
+}
+
+template <typename acc_t, typename... Args>
+void row_norms2(Args... args) {
+#ifdef MASS_EXT_HAS_AVX2_PATH
+  if (cpu_has_avx2_fma()) return avx2::row_norms2<acc_t>(args...);
+#endif
+  baseline::row_norms2<acc_t>(args...);
+}
+
+// 64-byte aligned scratch for packed tiles, one per parallel chunk.
+template <typename acc_t>
+at::Tensor tile_scratch(int64_t len) {
+  return at::empty({len * 2 * (32 / static_cast<int64_t>(sizeof(acc_t)))},
+                   at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Enough element operations per task for at::parallel_for to be worth a thread.
+constexpr int64_t kParallelWork = 32768;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
+// Slots (row * k + j) grouped by their task id, in slot order within a task; -1 skipped.
+struct TaskGroups {
+  std::vector<int64_t> slots;    // [kept slots]
+  std::vector<int64_t> offsets;  // [T + 1]
+};
+
+TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_t T) {
+  TaskGroups groups;
+  groups.offsets.assign(T + 1, 0);
+  for (int64_t s = 0; s < num_slots; ++s)
+    if (indices[s] >= 0) ++groups.offsets[indices[s] + 1];
+  for (int64_t t = 0; t < T; ++t) groups.offsets[t + 1] += groups.offsets[t];
+  groups.slots.resize(groups.offsets[T]);
+  std::vector<int64_t> fill(groups.offsets.begin(), groups.offsets.end() - 1);
+  for (int64_t s = 0; s < num_slots; ++s)
+    if (indices[s] >= 0) groups.slots[fill[indices[s]]++] = s;
+  return groups;
+}
+
+// out = x W^T + b in the accumulation dtype (rows already converted to it).
+at::Tensor dense_base(
+    const at::Tensor& rows_acc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor w = weight.to(rows_acc.scalar_type());
+  if (bias.has_value()) return at::addmm(bias->to(rows_acc.scalar_type()), rows_acc, w.t());
+  return at::mm(rows_acc, w.t());
+}
+
+// z = x V_stacked^T: (N, T * r), all projections in one GEMM.
+at::Tensor dense_projections(const at::Tensor& rows_acc, const at::Tensor& V) {
+  return at::mm(rows_acc, V.reshape({-1, V.size(2)}).to(rows_acc.scalar_type()).t());
+}
+
+// Routes rows [begin, end): residuals (optional), indices, weights and, when `h` is
+// given, the scaled projections h[n * k + j] = w_j * S_t * z_t of every kept slot.
+template <typename acc_t, typename scalar_t>
+void route_rows(
+    const acc_t* __restrict__ rows, int64_t row_stride,  // [N, d_in]
+    const acc_t* __restrict__ z,                         // [N, T * r]
+    const scalar_t* __restrict__ S,                      // [T, r] or nullptr
+    const LayerDims& d, int64_t top_k, acc_t temperature, acc_t threshold,
+    Weighting weighting, int64_t begin, int64_t end,
+    int64_t* __restrict__ indices,  // [N, top_k]
+    acc_t* __restrict__ weights,    // [N, top_k]
+    acc_t* __restrict__ residuals,  // [N, T] or nullptr
+    acc_t* __restrict__ h) {        // [N * top_k, r] or nullptr
+  std::vector<acc_t> x_norm2(end - begin);
+  row_norms2<acc_t>(rows, row_stride, d.d_in, begin, end, x_norm2.data());
+  std::vector<acc_t> logits(d.T), probs(d.T);
+  for (int64_t n = begin; n < end; ++n) {
+    const acc_t* z_row = z + n * d.T * d.r;
+    for (int64_t t = 0; t < d.T; ++t) {
+      acc_t z_norm2 = 0;
+      for (int64_t q = 0; q < d.r; ++q) z_norm2 += z_row[t * d.r + q] * z_row[t * d.r + q];
+      const acc_t res = residual_from_norms(x_norm2[n - begin], z_norm2);
+      if (residuals) residuals[n * d.T + t] = res;
+      logits[t] = logit_from_residual(res);
+    }
+    select_tasks(logits.data(), probs.data(), d.T, top_k, temperature, threshold, weighting,
+                 indices + n * top_k, weights + n * top_k);
+    if (!h) continue;
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t t = indices[n * top_k + j];
+      if (t < 0) continue;
+      const acc_t w = weights[n * top_k + j];
+      acc_t* h_slot = h + (n * top_k + j) * d.r;
+      for (int64_t q = 0; q < d.r; ++q)
+        h_slot[q] = w * static_cast<acc_t>(S[t * d.r + q]) * z_row[t * d.r + q];
+    }
+  }
+}
+
+// y[n] += sum over the kept slots j of row n: U_{t_j} h[n * k + j], parallel over columns.
+template <typename acc_t, typename scalar_t>
+void expand_into(
+    const acc_t* h, const scalar_t* U, const TaskGroups& groups, const LayerDims& d,
+    int64_t top_k, acc_t* y) {
+  const int64_t kept = static_cast<int64_t>(groups.slots.size());
+  if (kept == 0) return;
+  // Threads split whole column tiles, so that every tile is full but the last.
+  constexpr int64_t TC = 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t num_tiles = (d.d_out + TC - 1) / TC;
+  at::parallel_for(0, num_tiles, grain_for(kept * d.r * TC), [&](int64_t tile_begin, int64_t tile_end) {
+    const int64_t c0 = tile_begin * TC, c1 = std::min(tile_end * TC, d.d_out);
+    at::Tensor packed = tile_scratch<acc_t>(d.r);
+    expand_columns<acc_t, scalar_t>(h, U, groups.slots.data(), groups.offsets.data(), d.T, d.r,
+                                    d.d_out, top_k, c0, c1, packed.mutable_data_ptr<acc_t>(), y);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& x, const at::Tensor& V, int64_t top_k, double temperature,
+    double threshold, c10::string_view weighting_name) {
+  const LayerDims d = check_route_inputs(x, V);
+  const Weighting weighting =
+      check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
+  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor z = dense_projections(rows, V);
+  at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({d.N, top_k}, rows.options());
+  at::Tensor residuals = at::empty({d.N, d.T}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "route_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, d.N, grain_for(d.T * d.r + d.d_in), [&](int64_t b, int64_t e) {
+      route_rows<acc_t, scalar_t>(
+          rows.const_data_ptr<acc_t>(), rows.stride(0), z.const_data_ptr<acc_t>(), nullptr, d,
+          top_k, temperature, threshold, weighting, b, e, indices.mutable_data_ptr<int64_t>(),
+          weights.mutable_data_ptr<acc_t>(), residuals.mutable_data_ptr<acc_t>(), nullptr);
+    });
+  });
+  return {indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k)),
+          residuals.view(leading_shape_with(x, d.T))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, int64_t top_k,
+    double temperature, double threshold, c10::string_view weighting_name) {
+  const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
+  const Weighting weighting =
+      check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
+  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  at::Tensor out = dense_base(rows, weight, bias);
+  const at::Tensor z = dense_projections(rows, V);
+  const at::Tensor U_c = U.contiguous(), S_c = S.contiguous();
+  at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({d.N, top_k}, rows.options());
+  at::Tensor h = at::empty({d.N * top_k, d.r}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_linear_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, d.N, grain_for(d.T * d.r + d.d_in), [&](int64_t b, int64_t e) {
+      route_rows<acc_t, scalar_t>(
+          rows.const_data_ptr<acc_t>(), rows.stride(0), z.const_data_ptr<acc_t>(),
+          S_c.const_data_ptr<scalar_t>(), d, top_k, temperature, threshold, weighting, b, e,
+          indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), nullptr,
+          h.mutable_data_ptr<acc_t>());
+    });
+    const TaskGroups groups = group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T);
+    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c.const_data_ptr<scalar_t>(), groups,
+                                 d, top_k, out.mutable_data_ptr<acc_t>());
+  });
+  return {out.to(x.scalar_type()).view(leading_shape_with(x, d.d_out)),
+          indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k))};
+}
+
+at::Tensor routed_linear_prerouted_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, const at::Tensor& indices,
+    const at::Tensor& weights) {
+  const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
+  check_prerouted_inputs(x, indices, weights);
+  const int64_t top_k = indices.size(-1);
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor idx = indices.reshape({d.N, top_k}).contiguous();
+  const at::Tensor w = weights.reshape({d.N, top_k}).to(acc_type).contiguous();
+  const int64_t* idx_data = idx.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < d.N * top_k; ++s) {
+    TORCH_CHECK_INDEX(
+        idx_data[s] >= -1 && idx_data[s] < d.T, "indices must hold task ids in [-1, T) = [-1, ",
+        d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
+  }
+  const at::Tensor rows = as_rows(x, d.d_in);
+  at::Tensor out = dense_base(rows.to(acc_type), weight, bias);
+  const at::Tensor U_c = U.contiguous(), S_c = S.contiguous(), V_c = V.contiguous();
+  const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T);
+
+  // Shrink work items: (task, run of <= 48 slots, <= 16 rank rows), so that even one
+  // row (decode) spreads over the cores.
+  constexpr int64_t kSlotRun = 48, kRankRun = 16;
+  struct Item { int64_t t, slot_begin, slot_end, q_begin, q_end; };
+  std::vector<Item> items;
+  for (int64_t t = 0; t < d.T; ++t)
+    for (int64_t s = groups.offsets[t]; s < groups.offsets[t + 1]; s += kSlotRun)
+      for (int64_t q = 0; q < d.r; q += kRankRun)
+        items.push_back({t, s, std::min(s + kSlotRun, groups.offsets[t + 1]), q,
+                         std::min(q + kRankRun, d.r)});
+
+  at::Tensor h = at::empty({d.N * top_k, d.r}, rows.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_linear_prerouted_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* V_data = V_c.const_data_ptr<scalar_t>();
+    const scalar_t* S_data = S_c.const_data_ptr<scalar_t>();
+    const int64_t item_work = kSlotRun * kRankRun * d.d_in;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(item_work), [&](int64_t b, int64_t e) {
+      at::Tensor packed = tile_scratch<acc_t>(d.d_in);
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[i];
+        shrink_rows<acc_t, scalar_t>(rows.const_data_ptr<scalar_t>(), rows.stride(0),
+                          V_data + it.t * d.r * d.d_in, S_data + it.t * d.r, w.const_data_ptr<acc_t>(),
+                          groups.slots.data() + it.slot_begin, it.slot_end - it.slot_begin, top_k, d.r,
+                          d.d_in, it.q_begin, it.q_end, packed.mutable_data_ptr<acc_t>(),
+                          h.mutable_data_ptr<acc_t>());
+      }
+    });
+    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c.const_data_ptr<scalar_t>(), groups,
+                                 d, top_k, out.mutable_data_ptr<acc_t>());
+  });
+  return out.to(x.scalar_type()).view(leading_shape_with(x, d.d_out));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mass_ext, CPU, m) {
+  m.impl("route", &route_cpu);
+  m.impl("routed_linear", &routed_linear_cpu);
+  m.impl("routed_linear_prerouted", &routed_linear_prerouted_cpu);
+}
+
+}  // namespace cpu
+}  // namespace mass_ext

@@ -1,0 +1,101 @@
+// Per-row routing math of DESIGN.md (steps 2-3), shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define MASS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MASS_HOST_DEVICE inline
+#endif
+
+namespace mass_ext {
+
+enum class Weighting : int { kUniform = 0, kSoftmax = 1, kRenormalized = 2 };
+
+// Added to the standard deviation before dividing, as in DESIGN.md.
+constexpr double kStandardizeEps = 1e-6;
+
+// logit_t = -res_t with res_t = sqrt(max(||x||^2 - ||z_t||^2, 0)) (V_t has orthonormal
+// rows). A NaN logit becomes -inf so that a non-finite row still selects valid tasks.
+template <typename acc_t>
+MASS_HOST_DEVICE acc_t residual_from_norms(acc_t x_norm2, acc_t z_norm2) {
+  const acc_t diff = x_norm2 - z_norm2;
+  return std::sqrt(diff > acc_t(0) ? diff : acc_t(0));
+}
+
+template <typename acc_t>
+MASS_HOST_DEVICE acc_t logit_from_residual(acc_t residual) {
+  return std::isnan(residual) ? -std::numeric_limits<acc_t>::infinity() : -residual;
+}
+
+// From T logits: p = softmax(standardize(logits) / temperature) into `probs`, the
+// top_k tasks by logit (ties -> lower task index) into `indices`, slots j >= 1 whose
+// p <= threshold dropped (index -1, weight 0), and the slot weights into `weights`.
+template <typename acc_t>
+MASS_HOST_DEVICE void select_tasks(
+    const acc_t* __restrict__ logits,  // [T]
+    acc_t* __restrict__ probs,         // [T], output
+    int64_t T, int64_t top_k, acc_t temperature, acc_t threshold, Weighting weighting,
+    int64_t* __restrict__ indices,     // [top_k], output
+    acc_t* __restrict__ weights) {     // [top_k], output
+  if (T == 1) {
+    probs[0] = acc_t(1);
+  } else {
+    acc_t mean = 0;
+    for (int64_t t = 0; t < T; ++t) mean += logits[t];
+    mean /= acc_t(T);
+    acc_t var = 0;
+    for (int64_t t = 0; t < T; ++t) var += (logits[t] - mean) * (logits[t] - mean);
+    const acc_t std_unbiased = std::sqrt(var / acc_t(T - 1));
+    const acc_t scale = acc_t(1) / ((std_unbiased + acc_t(kStandardizeEps)) * temperature);
+    acc_t max_scaled = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+      probs[t] = (logits[t] - mean) * scale;
+      max_scaled = probs[t] > max_scaled ? probs[t] : max_scaled;
+    }
+    acc_t total = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      probs[t] = std::exp(probs[t] - max_scaled);
+      total += probs[t];
+    }
+    for (int64_t t = 0; t < T; ++t) probs[t] /= total;
+  }
+
+  // Selection by repeated arg-max: O(top_k * T), and T is small. Scanning upward
+  // with a strict '>' keeps the lower task index on ties.
+  acc_t kept_prob_sum = 0;
+  for (int64_t j = 0; j < top_k; ++j) {
+    int64_t best = -1;
+    for (int64_t t = 0; t < T; ++t) {
+      bool taken = false;
+      for (int64_t i = 0; i < j; ++i) taken |= (indices[i] == t);
+      if (taken) continue;
+      if (best < 0 || logits[t] > logits[best]) best = t;
+    }
+    indices[j] = best;
+  }
+  // A dropped slot keeps its place (shapes stay fixed); the first slot is never dropped.
+  for (int64_t j = 1; j < top_k; ++j) {
+    if (probs[indices[j]] <= threshold) indices[j] = -1;
+  }
+  for (int64_t j = 0; j < top_k; ++j) {
+    if (indices[j] >= 0) kept_prob_sum += probs[indices[j]];
+  }
+  for (int64_t j = 0; j < top_k; ++j) {
+    const int64_t t = indices[j];
+    if (t < 0) {
+      weights[j] = acc_t(0);
+    } else if (weighting == Weighting::kUniform) {
+      weights[j] = acc_t(1);
+    } else if (weighting == Weighting::kSoftmax) {
+      weights[j] = probs[t];
+    } else {
+      weights[j] = probs[t] / kept_prob_sum;
+    }
+  }
+}
+
+}  // namespace mass_ext

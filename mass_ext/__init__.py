@@ -1,0 +1,22 @@
+"""mass_ext: MASS (MoErging through Adaptive Subspace Selection) as one fused op.
+
+Public API: routed_linear, route, Routing, reference, backend.
+"""
+import logging
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.mass_ext.*)
+except ImportError as _error:  # not built: every op runs the pure-PyTorch reference
+    logging.getLogger(__name__).warning(
+        "mass_ext: compiled extension not available (%s); using the pure-PyTorch reference.",
+        _error,
+    )
+
+from . import reference
+from .ops import backend, route, routed_linear
+from .routing import Routing
+
+__all__ = ["routed_linear", "route", "Routing", "reference", "backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,166 @@
+"""Argument checks for the Python paths (fake kernels and the reference).
+
+They mirror csrc/checks.cpp message for message, so an error reads the same whether the
+C++ kernel, a fake tensor under torch.compile, or the pure-PyTorch fallback raised it.
+They use torch._check_* so that symbolic shapes under torch.compile become guards.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+WEIGHTINGS = ("uniform", "softmax", "renormalized")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape(sizes) -> str:
+    sizes = tuple(sizes)
+    return "(" + ", ".join(str(s) for s in sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_float_dtype(t: torch.Tensor, name: str) -> None:
+    torch._check_type(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{name} must be float32, float64, bfloat16 or float16, got {_dtype_name(t.dtype)}",
+    )
+
+
+def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    torch._check_type(
+        t.dtype == x.dtype,
+        lambda: f"{name} must have the dtype of x ({_dtype_name(x.dtype)}), got {_dtype_name(t.dtype)}",
+    )
+    torch._check_value(
+        t.device == x.device,
+        lambda: f"{name} must be on the device of x ({x.device}), got {t.device}",
+    )
+
+
+def _check_shape(t: torch.Tensor, name: str, symbolic: str, expected) -> None:
+    expected = tuple(expected)
+    torch._check_value(
+        t.dim() == len(expected) and all(a == b for a, b in zip(t.shape, expected)),
+        lambda: f"{name} must have shape {symbolic} = {_shape(expected)}, got {_shape(t.shape)}",
+    )
+
+
+def check_route_inputs(x: torch.Tensor, V: torch.Tensor):
+    """Returns (T, r, d_in)."""
+    _check_float_dtype(x, "x")
+    torch._check_value(
+        x.dim() >= 1, lambda: "x must have at least 1 dimension (..., d_in), got a 0-d tensor"
+    )
+    torch._check_value(
+        V.dim() == 3,
+        lambda: f"V must have 3 dimensions (T, r, d_in), got shape {_shape(V.shape)}",
+    )
+    _check_like_x(V, "V", x)
+    d_in = x.shape[-1]
+    T, r = V.shape[0], V.shape[1]
+    torch._check_value(
+        T >= 1, lambda: f"V must hold at least one task (T >= 1), got shape {_shape(V.shape)}"
+    )
+    torch._check_value(r >= 1, lambda: f"V must have rank r >= 1, got shape {_shape(V.shape)}")
+    _check_shape(V, "V", "(T, r, d_in)", (T, r, d_in))
+    return T, r, d_in
+
+
+def check_layer_inputs(x, weight, bias, U, S, V):
+    """Returns (d_out, T, r, d_in)."""
+    T, r, d_in = check_route_inputs(x, V)
+    torch._check_value(
+        weight.dim() == 2,
+        lambda: f"weight must have 2 dimensions (d_out, d_in), got shape {_shape(weight.shape)}",
+    )
+    _check_like_x(weight, "weight", x)
+    d_out = weight.shape[0]
+    _check_shape(weight, "weight", "(d_out, d_in)", (d_out, d_in))
+    if bias is not None:
+        _check_like_x(bias, "bias", x)
+        _check_shape(bias, "bias", "(d_out,)", (d_out,))
+    _check_like_x(U, "U", x)
+    _check_shape(U, "U", "(T, d_out, r)", (T, d_out, r))
+    _check_like_x(S, "S", x)
+    _check_shape(S, "S", "(T, r)", (T, r))
+    return d_out, T, r, d_in
+
+
+def check_routing_options(top_k, T, temperature, threshold, weighting) -> None:
+    torch._check_value(
+        1 <= top_k <= T, lambda: f"top_k must be in 1..T = 1..{T}, got {top_k}"
+    )
+    torch._check_value(
+        math.isfinite(temperature) and temperature > 0,
+        lambda: f"temperature must be a finite number > 0, got {temperature}",
+    )
+    torch._check_value(
+        math.isfinite(threshold), lambda: f"threshold must be a finite number, got {threshold}"
+    )
+    torch._check_value(
+        weighting in WEIGHTINGS,
+        lambda: "weighting must be one of 'uniform', 'softmax', 'renormalized', "
+        f"got '{weighting}'",
+    )
+
+
+def check_prerouted_inputs(x, indices, weights) -> None:
+    torch._check_type(
+        indices.dtype == torch.int64,
+        lambda: f"indices must be int64, got {_dtype_name(indices.dtype)}",
+    )
+    torch._check_value(
+        indices.device == x.device,
+        lambda: f"indices must be on the device of x ({x.device}), got {indices.device}",
+    )
+    lead = tuple(x.shape[:-1])
+    torch._check_value(
+        indices.dim() == x.dim()
+        and indices.shape[-1] >= 1
+        and all(a == b for a, b in zip(indices.shape[:-1], lead)),
+        lambda: "indices must have shape (*x.shape[:-1], k) with k >= 1, where "
+        f"x.shape[:-1] = {_shape(lead)}, got {_shape(indices.shape)}",
+    )
+    torch._check_type(
+        weights.is_floating_point(),
+        lambda: f"weights must be a floating tensor, got {_dtype_name(weights.dtype)}",
+    )
+    torch._check_value(
+        weights.device == x.device,
+        lambda: f"weights must be on the device of x ({x.device}), got {weights.device}",
+    )
+    torch._check_value(
+        weights.shape == indices.shape,
+        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, "
+        f"got {_shape(weights.shape)}",
+    )
+
+
+def check_index_values(indices: torch.Tensor, T: int) -> None:
+    """Eager-only (reads the data): every index in [-1, T)."""
+    bad = (indices < -1) | (indices >= T)
+    if bool(bad.any()):
+        pos = bad.reshape(-1, indices.shape[-1]).nonzero()[0].tolist()
+        value = int(indices.reshape(-1, indices.shape[-1])[pos[0], pos[1]])
+        raise IndexError(
+            f"indices must hold task ids in [-1, T) = [-1, {T}), got {value} "
+            f"at row {pos[0]}, slot {pos[1]}"
+        )
+
+
+def check_indices_weights_pair(indices, weights) -> None:
+    if (indices is None) != (weights is None):
+        given, missing = ("indices", "weights") if weights is None else ("weights", "indices")
+        raise ValueError(
+            f"{given} and {missing} must be given together (pre-routed form): "
+            f"got {given} but {missing}=None"
+        )

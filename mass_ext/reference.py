@@ -1,0 +1,116 @@
+"""Pure-PyTorch MASS routing and routed linear layer, written for clarity, not speed.
+
+It is the fallback when the C++/CUDA extension is not built, the oracle of the tests
+and a baseline of the benchmarks. Everything is computed in float32 (float64 for
+float64 inputs) and the output is cast back to the dtype of x. The residual is the
+explicit ||x - V_t^T V_t x||, not the norm identity the kernels use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as check
+from .routing import Routing
+
+STANDARDIZE_EPS = 1e-6
+
+
+def select_tasks(residuals, top_k, temperature, threshold, weighting):
+    """Routing decision from residuals (..., T) -> (indices (..., k), weights (..., k))."""
+    logits = -residuals
+    # A NaN residual (non-finite row) ranks last, like -inf, so indices stay valid.
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    T = logits.shape[-1]
+    if T == 1:
+        probs = torch.ones_like(logits)
+    else:
+        mean = logits.mean(dim=-1, keepdim=True)
+        std = logits.std(dim=-1, keepdim=True, unbiased=True)
+        probs = torch.softmax((logits - mean) / (std + STANDARDIZE_EPS) / temperature, dim=-1)
+    # A stable descending sort keeps the lower task index first among ties.
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    selected_probs = probs.gather(-1, order)
+    keep = selected_probs > threshold
+    keep[..., 0] = True  # the best task is never dropped
+    indices = torch.where(keep, order, -1)
+    if weighting == "uniform":
+        weights = keep.to(probs.dtype)
+    else:
+        weights = torch.where(keep, selected_probs, 0.0)
+        if weighting == "renormalized":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    return indices, weights
+
+
+def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform") -> Routing:
+    """Reference of `mass_ext.route`."""
+    T, _, _ = check.check_route_inputs(x, V)
+    check.check_routing_options(top_k, T, temperature, threshold, weighting)
+    acc = check.acc_dtype(x.dtype)
+    x_acc, V_acc = x.to(acc), V.to(acc)
+    projections = torch.einsum("...i,tri->...tr", x_acc, V_acc)
+    reconstructions = torch.einsum("...tr,tri->...ti", projections, V_acc)
+    residuals = torch.linalg.vector_norm(x_acc.unsqueeze(-2) - reconstructions, dim=-1)
+    indices, weights = select_tasks(residuals, top_k, temperature, threshold, weighting)
+    return Routing(indices, weights, residuals)
+
+
+def expert_coefficients(indices, weights, T):
+    """c (..., T): the total weight each task gets in each row (dropped slots give none)."""
+    coefficients = weights.new_zeros((*indices.shape[:-1], T))
+    kept = indices >= 0
+    return coefficients.scatter_add(
+        -1, indices.clamp(min=0), torch.where(kept, weights, torch.zeros_like(weights))
+    )
+
+
+def apply_experts(x, weight, bias, U, S, V, indices, weights):
+    """y = x W^T + b + sum_t c_t U_t (S_t * V_t x), c = expert_coefficients(indices, weights)."""
+    acc = check.acc_dtype(x.dtype)
+    x_acc = x.to(acc)
+    out = F.linear(x_acc, weight.to(acc), None if bias is None else bias.to(acc))
+    coefficients = expert_coefficients(indices, weights.to(acc), V.shape[0])
+    projections = torch.einsum("...i,tri->...tr", x_acc, V.to(acc))
+    scaled = projections * S.to(acc) * coefficients.unsqueeze(-1)
+    out = out + torch.einsum("...tr,tor->...o", scaled, U.to(acc))
+    return out.to(x.dtype)
+
+
+def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, threshold=0.0,
+                  weighting="uniform", indices=None, weights=None):
+    """Reference of `mass_ext.routed_linear` (self-routed, or pre-routed with indices/weights)."""
+    check.check_indices_weights_pair(indices, weights)
+    _, T, _, _ = check.check_layer_inputs(x, weight, bias, U, S, V)
+    if indices is None:
+        check.check_routing_options(top_k, T, temperature, threshold, weighting)
+        indices, weights, _ = route(x, V, top_k, temperature=temperature, threshold=threshold,
+                                    weighting=weighting)
+    else:
+        check.check_prerouted_inputs(x, indices, weights)
+        check.check_index_values(indices, T)
+    return apply_experts(x, weight, bias, U, S, V, indices, weights)
+
+
+def per_task_loop(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, threshold=0.0,
+                  weighting="uniform"):
+    """What users write today without mass_ext: route, then one masked pass per task.
+
+    Benchmark baseline only: a Python loop over tasks, gathering the rows that selected
+    each task and adding their low-rank update with index_add_.
+    """
+    indices, weights, _ = route(x, V, top_k, temperature=temperature, threshold=threshold,
+                                weighting=weighting)
+    acc = check.acc_dtype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1]).to(acc)
+    out = F.linear(rows, weight.to(acc), None if bias is None else bias.to(acc))
+    flat_indices = indices.reshape(-1, indices.shape[-1])
+    flat_weights = weights.reshape(-1, weights.shape[-1])
+    for t in range(V.shape[0]):
+        row_ids, slot_ids = (flat_indices == t).nonzero(as_tuple=True)
+        if row_ids.numel() == 0:
+            continue
+        z = rows[row_ids] @ V[t].to(acc).T
+        h = z * S[t].to(acc) * flat_weights[row_ids, slot_ids].unsqueeze(-1)
+        out.index_add_(0, row_ids, h @ U[t].to(acc).T)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

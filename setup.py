@@ -1,0 +1,64 @@
+"""Builds mass_ext._C: a CPU-only C++ extension, plus CUDA kernels when a CUDA toolkit
+and a CUDA build of torch are present and csrc/cuda/ holds sources.
+
+MASS_EXT_FORCE_CPU=1 forces the CPU-only build (never needs nvcc).
+MASS_EXT_DEBUG=1 builds with -O0 -g.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def extension():
+    debug = _flag("MASS_EXT_DEBUG")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp: at::parallel_for is a header template that runs serially without it.
+    # The loader then shares torch's own libgomp (same soname), so there is one pool.
+    cxx_flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    link_flags = ["-fopenmp"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda = (
+        not _flag("MASS_EXT_FORCE_CPU")
+        and bool(cuda_sources)
+        and torch.version.cuda is not None
+        and CUDA_HOME is not None
+    )
+    if use_cuda:
+        nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3"]
+        return CUDAExtension(
+            "mass_ext._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags + ["-DMASS_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
+        )
+    return CppExtension(
+        "mass_ext._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+
+
+setup(
+    name="mass_ext",
+    version="0.1.0",
+    description="MASS model merging as a fused routed low-rank linear op (C++/CUDA)",
+    packages=find_packages(include=["mass_ext", "mass_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    zip_safe=False,
+)
