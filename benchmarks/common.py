@@ -1,0 +1,116 @@
+"""Shared benchmark plumbing: inputs, interleaved timing, result rows, tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.utils.benchmark as tbench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class Layer:
+    """One routed layer: base weight, bias and T orthonormal rank-r task factors."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @classmethod
+    def random(cls, d_in, d_out, T, r, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        weight = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+        bias = torch.randn(d_out, generator=g)
+        U = torch.linalg.qr(torch.randn(T, d_out, r, generator=g)).Q
+        S = torch.rand(T, r, generator=g) + 0.1
+        V = torch.linalg.qr(torch.randn(T, d_in, r, generator=g)).Q.transpose(1, 2)
+        return cls(*(t.to(dtype).contiguous() for t in (weight, bias, U, S, V)))
+
+    def task_inputs(self, N, seed=1):
+        """Rows that each lie mostly in one task's subspace (a realistic routing mix)."""
+        g = torch.Generator().manual_seed(seed)
+        T, r, d_in = self.V.shape
+        tasks = torch.randint(0, T, (N,), generator=g)
+        coeffs = torch.randn(N, r, generator=g)
+        x = torch.einsum("nr,nri->ni", coeffs, self.V.float()[tasks])
+        x = x + 0.3 * torch.randn(N, d_in, generator=g) * coeffs.norm(dim=1, keepdim=True) / d_in**0.5
+        return x.to(self.V.dtype)
+
+
+def time_interleaved(providers: dict, rounds: int, min_run_time: float) -> dict:
+    """Median-of-blocks time (seconds) of every provider in every round; the providers
+    take turns within a round (rotating the order), so drift hits them all alike."""
+    names = list(providers)
+    times = {name: [] for name in names}
+    for name in names:  # warm up (first-call allocations, thread pool start)
+        providers[name]()
+    for rnd in range(rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            timer = tbench.Timer(stmt="f()", globals={"f": providers[name]})
+            times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    return times
+
+
+def ratio_stats(num: list, den: list) -> dict:
+    """Per-round ratios, then their median and range."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+
+
+def replace_between_markers(path: str, marker: str, text: str) -> None:
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in a file."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    with open(path) as f:
+        content = f.read()
+    if start not in content or end not in content:
+        return
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + text.rstrip() + "\n" + end + tail)
