@@ -1,6 +1,6 @@
 """Public ops. They call the registered `torch.ops.mass_ext.*` ops (C++/CUDA kernels)
 when the extension is built, and the pure-PyTorch reference otherwise. This module also
-registers the fake kernels (torch.compile, meta tensors) and the autograd formulas."""
+registers the fake kernels (torch.compile, meta tensors); autograd is in csrc/autograd.cpp."""
 from __future__ import annotations
 
 import torch
@@ -83,73 +83,7 @@ def backend(device="cpu") -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Registrations: fake kernels, autograd, reference kernels for devices the build lacks.
-
-def _expert_backward(ctx, grad_out, x, weight, U, S, V, indices, weights):
-    """Gradients of y = x W^T + b + sum_t c_t U_t (S_t * V_t x) for a fixed routing.
-
-    Dense over tasks (c_t = 0 for tasks a row did not select): O(N * T * r) memory."""
-    need_x, need_w, need_b, need_U, need_S, need_V = ctx.needs_input_grad[:6]
-    acc = check.acc_dtype(x.dtype)
-    d_in, d_out, T = x.shape[-1], weight.shape[0], V.shape[0]
-    g = grad_out.reshape(-1, d_out).to(acc)
-    rows = x.reshape(-1, d_in).to(acc)
-    U_acc, S_acc, V_acc = U.to(acc), S.to(acc), V.to(acc)
-    coefficients = reference.expert_coefficients(
-        indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1]).to(acc), T
-    ).unsqueeze(-1)                                           # (N, T, 1)
-    z = torch.einsum("ni,tri->ntr", rows, V_acc)               # V_t x
-    a = torch.einsum("no,tor->ntr", g, U_acc)                  # U_t^T g
-    grads = {}
-    if need_x:
-        dz = a * coefficients * S_acc
-        grads["x"] = (g @ weight.to(acc) + torch.einsum("ntr,tri->ni", dz, V_acc)).reshape(x.shape)
-    if need_w:
-        grads["weight"] = g.T @ rows
-    if need_b:
-        grads["bias"] = g.sum(0)
-    if need_U:
-        grads["U"] = torch.einsum("no,ntr->tor", g, coefficients * S_acc * z)
-    if need_S:
-        grads["S"] = (coefficients * a * z).sum(0)
-    if need_V:
-        grads["V"] = torch.einsum("ntr,ni->tri", a * coefficients * S_acc, rows)
-    # d y / d w_j = <U_t^T g, S_t * V_t x> at t = indices[j]; 0 for dropped slots.
-    per_task = (a * S_acc * z).sum(-1)                         # (N, T)
-    flat_indices = indices.reshape(-1, indices.shape[-1])
-    slot_grads = per_task.gather(-1, flat_indices.clamp(min=0))
-    grads["weights"] = torch.where(flat_indices >= 0, slot_grads, 0.0).reshape(indices.shape)
-    originals = {"x": x, "weight": weight, "bias": weight, "U": U, "S": S, "V": V,
-                 "weights": weights}
-    return {k: v.to(originals[k].dtype) for k, v in grads.items()}
-
-
-def _setup_self_routed(ctx, inputs, output):
-    x, weight, bias, U, S, V = inputs[:6]
-    _, indices, weights = output
-    ctx.save_for_backward(x, weight, U, S, V, indices, weights)
-    ctx.mark_non_differentiable(indices, weights)
-
-
-def _backward_self_routed(ctx, grad_out, _grad_indices, _grad_weights):
-    x, weight, U, S, V, indices, weights = ctx.saved_tensors
-    g = _expert_backward(ctx, grad_out, x, weight, U, S, V, indices, weights)
-    return (g.get("x"), g.get("weight"), g.get("bias"), g.get("U"), g.get("S"), g.get("V"),
-            None, None, None, None)
-
-
-def _setup_prerouted(ctx, inputs, output):
-    x, weight, bias, U, S, V, indices, weights = inputs
-    ctx.save_for_backward(x, weight, U, S, V, indices, weights)
-
-
-def _backward_prerouted(ctx, grad_out):
-    x, weight, U, S, V, indices, weights = ctx.saved_tensors
-    g = _expert_backward(ctx, grad_out, x, weight, U, S, V, indices, weights)
-    grad_weights = g["weights"].to(weights.dtype) if ctx.needs_input_grad[7] else None
-    return (g.get("x"), g.get("weight"), g.get("bias"), g.get("U"), g.get("S"), g.get("V"),
-            None, grad_weights)
-
+# Registrations: fake kernels, and reference kernels for devices the build lacks.
 
 def _fake_route(x, V, top_k, temperature, threshold, weighting):
     T, _, _ = check.check_route_inputs(x, V)
@@ -192,16 +126,13 @@ _REFERENCE_KEYS = set()
 
 if _LOADED:
     _OPS = {
-        "mass_ext::route": (_fake_route, _reference_route, None),
-        "mass_ext::routed_linear": (_fake_routed_linear, _reference_routed_linear,
-                                    (_backward_self_routed, _setup_self_routed)),
-        "mass_ext::routed_linear_prerouted": (_fake_prerouted, _reference_prerouted,
-                                              (_backward_prerouted, _setup_prerouted)),
+        "mass_ext::route": (_fake_route, _reference_route),
+        "mass_ext::routed_linear": (_fake_routed_linear, _reference_routed_linear),
+        "mass_ext::routed_linear_prerouted": (_fake_prerouted, _reference_prerouted),
     }
-    for _name, (_fake, _ref, _autograd) in _OPS.items():
+    # Autograd is registered in C++ (csrc/autograd.cpp), for every device.
+    for _name, (_fake, _ref) in _OPS.items():
         torch.library.register_fake(_name, _fake)
-        if _autograd is not None:
-            torch.library.register_autograd(_name, _autograd[0], setup_context=_autograd[1])
         if not torch._C._dispatch_has_kernel_for_dispatch_key(_name, "CUDA"):
             torch.library.register_kernel(_name, "cuda", _ref)
             _REFERENCE_KEYS.add("CUDA")
