@@ -56,6 +56,14 @@ void expand_columns(Args... args) {
 }
 
 template <typename acc_t, typename scalar_t, typename... Args>
+void expand_columns_column_major(Args... args) {
+#ifdef MASS_EXT_HAS_AVX2_PATH
+  if (cpu_has_avx2_fma()) return avx2::expand_columns_column_major<acc_t, scalar_t>(args...);
+#endif
+  baseline::expand_columns_column_major<acc_t, scalar_t>(args...);
+}
+
+template <typename acc_t, typename scalar_t, typename... Args>
 void shrink_rows(Args... args) {
 #ifdef MASS_EXT_HAS_AVX2_PATH
   if (cpu_has_avx2_fma()) return avx2::shrink_rows<acc_t, scalar_t>(args...);
@@ -71,13 +79,6 @@ void row_norms2(Args... args) {
   baseline::row_norms2<acc_t>(args...);
 }
 
-// 64-byte aligned scratch for packed tiles, one per parallel chunk.
-template <typename acc_t>
-at::Tensor tile_scratch(int64_t len) {
-  return at::empty({len * 2 * (32 / static_cast<int64_t>(sizeof(acc_t)))},
-                   at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
 // Enough element operations per task for at::parallel_for to be worth a thread.
 constexpr int64_t kParallelWork = 32768;
 
@@ -88,19 +89,24 @@ int64_t grain_for(int64_t work_per_item) {
 // Slots (row * k + j) grouped by their task id, in slot order within a task; -1 skipped.
 struct TaskGroups {
   std::vector<int64_t> slots;    // [kept slots]
+  std::vector<int64_t> rows;     // [kept slots] row of x of each slot (slot / k)
   std::vector<int64_t> offsets;  // [T + 1]
 };
 
-TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_t T) {
+TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_t T, int64_t k) {
   TaskGroups groups;
   groups.offsets.assign(T + 1, 0);
   for (int64_t s = 0; s < num_slots; ++s)
     if (indices[s] >= 0) ++groups.offsets[indices[s] + 1];
   for (int64_t t = 0; t < T; ++t) groups.offsets[t + 1] += groups.offsets[t];
   groups.slots.resize(groups.offsets[T]);
+  groups.rows.resize(groups.offsets[T]);
   std::vector<int64_t> fill(groups.offsets.begin(), groups.offsets.end() - 1);
-  for (int64_t s = 0; s < num_slots; ++s)
-    if (indices[s] >= 0) groups.slots[fill[indices[s]]++] = s;
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (indices[s] < 0) continue;
+    groups.rows[fill[indices[s]]] = s / k;
+    groups.slots[fill[indices[s]]++] = s;
+  }
   return groups;
 }
 
@@ -156,21 +162,40 @@ void route_rows(
   }
 }
 
+// Each U_t stored column-major: U.transpose(1, 2) is contiguous. The expand then reads
+// rows of U_t^T directly (see expand_columns_column_major).
+bool is_column_major(const at::Tensor& U) {
+  const int64_t d_out = U.size(1), r = U.size(2);
+  return U.stride(1) == 1 && (r == 1 || U.stride(2) == d_out) &&
+         (U.size(0) == 1 || U.stride(0) == d_out * r);
+}
+
+// U as the expand reads it: as given when row- or column-major per task, else a copy.
+at::Tensor expand_layout(const at::Tensor& U) {
+  return is_column_major(U) ? U : U.contiguous();
+}
+
 // y[n] += sum over the kept slots j of row n: U_{t_j} h[n * k + j], parallel over columns.
 template <typename acc_t, typename scalar_t>
 void expand_into(
-    const acc_t* h, const scalar_t* U, const TaskGroups& groups, const LayerDims& d,
-    int64_t top_k, acc_t* y) {
+    const acc_t* h, const at::Tensor& U, const TaskGroups& groups, const LayerDims& d,
+    acc_t* y) {
   const int64_t kept = static_cast<int64_t>(groups.slots.size());
   if (kept == 0) return;
-  // Threads split whole column tiles, so that every tile is full but the last.
-  constexpr int64_t TC = 64 / static_cast<int64_t>(sizeof(acc_t));
-  const int64_t num_tiles = (d.d_out + TC - 1) / TC;
-  at::parallel_for(0, num_tiles, grain_for(kept * d.r * TC), [&](int64_t tile_begin, int64_t tile_end) {
-    const int64_t c0 = tile_begin * TC, c1 = std::min(tile_end * TC, d.d_out);
-    at::Tensor packed = tile_scratch<acc_t>(d.r);
-    expand_columns<acc_t, scalar_t>(h, U, groups.slots.data(), groups.offsets.data(), d.T, d.r,
-                                    d.d_out, top_k, c0, c1, packed.mutable_data_ptr<acc_t>(), y);
+  const bool column_major = is_column_major(U) && !U.is_contiguous();
+  const scalar_t* U_data = U.const_data_ptr<scalar_t>();
+  // Threads split whole 16-column tiles (the widest micro-kernel tile).
+  constexpr int64_t kCols = 16;
+  const int64_t num_tiles = (d.d_out + kCols - 1) / kCols;
+  at::parallel_for(0, num_tiles, grain_for(kept * d.r * kCols), [&](int64_t t0, int64_t t1) {
+    const int64_t c0 = kCols * t0, c1 = std::min(kCols * t1, d.d_out);
+    if (column_major)
+      expand_columns_column_major<acc_t, scalar_t>(h, U_data, groups.slots.data(),
+                                                   groups.rows.data(), groups.offsets.data(), d.T,
+                                                   d.r, d.d_out, c0, c1, y);
+    else
+      expand_columns<acc_t, scalar_t>(h, U_data, groups.slots.data(), groups.rows.data(),
+                                      groups.offsets.data(), d.T, d.r, d.d_out, c0, c1, y);
   });
 }
 
@@ -208,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
   const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
   at::Tensor out = dense_base(rows, weight, bias);
   const at::Tensor z = dense_projections(rows, V);
-  const at::Tensor U_c = U.contiguous(), S_c = S.contiguous();
+  const at::Tensor U_c = expand_layout(U), S_c = S.contiguous();
   at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({d.N, top_k}, rows.options());
   at::Tensor h = at::empty({d.N * top_k, d.r}, rows.options());
@@ -221,9 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), nullptr,
           h.mutable_data_ptr<acc_t>());
     });
-    const TaskGroups groups = group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T);
-    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c.const_data_ptr<scalar_t>(), groups,
-                                 d, top_k, out.mutable_data_ptr<acc_t>());
+    const TaskGroups groups =
+        group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k);
+    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c, groups, d,
+                                 out.mutable_data_ptr<acc_t>());
   });
   return {out.to(x.scalar_type()).view(leading_shape_with(x, d.d_out)),
           indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k))};
@@ -247,8 +273,8 @@ at::Tensor routed_linear_prerouted_cpu(
   }
   const at::Tensor rows = as_rows(x, d.d_in);
   at::Tensor out = dense_base(rows.to(acc_type), weight, bias);
-  const at::Tensor U_c = U.contiguous(), S_c = S.contiguous(), V_c = V.contiguous();
-  const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T);
+  const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
+  const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T, top_k);
 
   // Shrink work items: (task, run of <= 48 slots, <= 16 rank rows), so that even one
   // row (decode) spreads over the cores.
@@ -268,18 +294,17 @@ at::Tensor routed_linear_prerouted_cpu(
     const scalar_t* S_data = S_c.const_data_ptr<scalar_t>();
     const int64_t item_work = kSlotRun * kRankRun * d.d_in;
     at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(item_work), [&](int64_t b, int64_t e) {
-      at::Tensor packed = tile_scratch<acc_t>(d.d_in);
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
         shrink_rows<acc_t, scalar_t>(rows.const_data_ptr<scalar_t>(), rows.stride(0),
                           V_data + it.t * d.r * d.d_in, S_data + it.t * d.r, w.const_data_ptr<acc_t>(),
-                          groups.slots.data() + it.slot_begin, it.slot_end - it.slot_begin, top_k, d.r,
-                          d.d_in, it.q_begin, it.q_end, packed.mutable_data_ptr<acc_t>(),
-                          h.mutable_data_ptr<acc_t>());
+                          groups.slots.data() + it.slot_begin, groups.rows.data() + it.slot_begin,
+                          it.slot_end - it.slot_begin, d.r,
+                          d.d_in, it.q_begin, it.q_end, h.mutable_data_ptr<acc_t>());
       }
     });
-    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c.const_data_ptr<scalar_t>(), groups,
-                                 d, top_k, out.mutable_data_ptr<acc_t>());
+    expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c, groups, d,
+                                 out.mutable_data_ptr<acc_t>());
   });
   return out.to(x.scalar_type()).view(leading_shape_with(x, d.d_out));
 }

@@ -1,11 +1,10 @@
-// Register-tiled kernels for both halves of the per-task low-rank product, over the rows
-// ("slots") that selected one task t:
-//   shrink:  h[slot, q]   = w[slot] * S_t[q] * sum_i x[row(slot), i] * V_t[q, i]
+// Register-tiled dot products for both halves of the per-task low-rank product, over
+// the rows ("slots") that selected one task t:
+//   shrink:  h[slot, q]    = w[slot] * S_t[q] * sum_i x[row(slot), i] * V_t[q, i]
 //   expand:  y[row(slot), c] += sum_q h[slot, q] * U_t[c, q]
-// Both are C[rows, cols] = A[rows, :] . B[cols, :]^T with B's rows contiguous, so one
-// micro-kernel serves both: a tile of 16 columns of B is packed transposed ([len][16]),
-// then 6 rows of A are multiplied into it as outer products (12 accumulator vectors +
-// 2 B vectors + 1 broadcast = 15 of the 16 AVX2 registers), with no horizontal sums.
+// Both are C[slots, cols] = A[slots, :] . B[cols, :]^T with rows of A and B contiguous
+// (V is (T, r, d_in), U is (T, d_out, r)), so one micro-kernel serves both, reading the
+// factors in place: no packing, no transposed copies.
 //
 // routed_linear_cpu.cpp includes this file twice, once under `#pragma GCC target
 // ("avx2,fma")` and once without, in different namespaces, and picks one at run time.
@@ -56,194 +55,221 @@ inline Simd<float>::vec load_vec<float, c10::BFloat16>(const c10::BFloat16* p) {
   return reinterpret_cast<const Simd<float>::vec&>(bits);
 }
 
-constexpr int kTileRows = 6;
-
-// Columns per tile: two vectors.
-template <typename acc_t>
-constexpr int tile_cols() {
-  return 2 * Simd<acc_t>::kLanes;
+// Sums of the lanes of 4 vectors: {sum(v0), sum(v1), sum(v2), sum(v3)}, in a fixed
+// order. Reducing 4 accumulators together costs 1/4 of reducing them one by one.
+inline void lane_sums4(const Simd<float>::vec (&v)[4], float (&out)[4]) {
+  using vec = Simd<float>::vec;
+  using idx = int __attribute__((vector_size(32)));
+  const vec t0 = __builtin_shuffle(v[0], v[1], idx{0, 8, 2, 10, 4, 12, 6, 14}) +
+                 __builtin_shuffle(v[0], v[1], idx{1, 9, 3, 11, 5, 13, 7, 15});
+  const vec t1 = __builtin_shuffle(v[2], v[3], idx{0, 8, 2, 10, 4, 12, 6, 14}) +
+                 __builtin_shuffle(v[2], v[3], idx{1, 9, 3, 11, 5, 13, 7, 15});
+  // u = {s0 lo, s1 lo, s2 lo, s3 lo, s0 hi, s1 hi, s2 hi, s3 hi}
+  const vec u = __builtin_shuffle(t0, t1, idx{0, 1, 8, 9, 4, 5, 12, 13}) +
+                __builtin_shuffle(t0, t1, idx{2, 3, 10, 11, 6, 7, 14, 15});
+  for (int n = 0; n < 4; ++n) out[n] = u[n] + u[n + 4];
 }
 
-// packed[i * TC + c] = B[(col0 + c) * b_stride + i] for c < ncols, 0 for the padding.
-template <typename acc_t, typename TB>
-inline void pack_tile(
-    const TB* __restrict__ b, int64_t b_stride, int64_t col0, int64_t ncols, int64_t len,
-    acc_t* __restrict__ packed) {
-  constexpr int TC = tile_cols<acc_t>();
-  for (int c = 0; c < TC; ++c) {
-    if (c < ncols) {
-      const TB* src = b + (col0 + c) * b_stride;
-      for (int64_t i = 0; i < len; ++i) packed[i * TC + c] = static_cast<acc_t>(src[i]);
-    } else {
-      for (int64_t i = 0; i < len; ++i) packed[i * TC + c] = acc_t(0);
-    }
-  }
+inline void lane_sums4(const Simd<double>::vec (&v)[4], double (&out)[4]) {
+  for (int n = 0; n < 4; ++n) out[n] = (v[n][0] + v[n][2]) + (v[n][1] + v[n][3]);
 }
 
-// acc[m][v] = sum_i a[m][i] * packed[i][v * lanes .. +lanes)
-template <int MR, typename acc_t, typename TA>
-inline __attribute__((always_inline)) void outer_tile(
-    const TA* const* a,                 // MR row pointers, each [len]
-    const acc_t* __restrict__ packed,   // [len, TC]
-    int64_t len, typename Simd<acc_t>::vec (&acc)[MR][2]) {
-  using vec = typename Simd<acc_t>::vec;
-  constexpr int L = Simd<acc_t>::kLanes;
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = vec{};
-  for (int64_t i = 0; i < len; ++i) {
-    const vec b0 = *reinterpret_cast<const vec*>(packed + i * 2 * L);
-    const vec b1 = *reinterpret_cast<const vec*>(packed + i * 2 * L + L);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const acc_t av = static_cast<acc_t>(a[m][i]);
-      acc[m][0] += av * b0;
-      acc[m][1] += av * b1;
-    }
-  }
-}
-
-// Runs outer_tile over `num_slots` slots, kTileRows at a time, handing each finished
-// row of the tile to store(slot, values[TC]).
-template <int MR, typename acc_t, typename TA, typename RowOf, typename Store>
-inline __attribute__((always_inline)) void slot_tile(
-    const int64_t* slots, RowOf row_of, const acc_t* packed, int64_t len, Store store) {
-  using vec = typename Simd<acc_t>::vec;
-  constexpr int L = Simd<acc_t>::kLanes;
-  const TA* a[MR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) a[m] = row_of(slots[m]);
-  vec acc[MR][2];
-  outer_tile<MR, acc_t, TA>(a, packed, len, acc);
-  alignas(32) acc_t values[2 * L];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    *reinterpret_cast<vec*>(values) = acc[m][0];
-    *reinterpret_cast<vec*>(values + L) = acc[m][1];
-    store(slots[m], values);
-  }
-}
-
-// Few slots (decode): packing B would cost more than it saves, so each of MR rows is
-// dotted with NR rows of B directly, vectorised along len, and reduced at the end.
-template <int MR, int NR, typename acc_t, typename TA, typename TB>
+// out[m][n] = sum_i a[m][i] * b[n][i]: MR rows of A against 4 rows of B, vectorised
+// along i. 3 x 4 fills the AVX2 registers: 12 accumulators + 3 A vectors + 1 B vector.
+// The loops are fully unrolled so that the accumulators live in registers.
+template <int MR, typename acc_t, typename TA, typename TB>
 inline __attribute__((always_inline)) void dot_tile(
-    const TA* const* a, const TB* const* b, int64_t len, acc_t (&out)[MR][NR]) {
+    const TA* const* a,  // MR row pointers, each [len]
+    const TB* const* b,  // 4 row pointers, each [len]
+    int64_t len, acc_t (&out)[MR][4]) {
   using vec = typename Simd<acc_t>::vec;
   constexpr int L = Simd<acc_t>::kLanes;
-  vec acc[MR][NR];
+  vec acc[MR][4];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) acc[m][n] = vec{};
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; ++n) acc[m][n] = vec{};
   int64_t i = 0;
   for (; i + L <= len; i += L) {
     vec av[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) av[m] = load_vec<acc_t>(a[m] + i);
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; ++n) {
       const vec bv = load_vec<acc_t>(b[n] + i);
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) acc[m][n] += av[m] * bv;
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
-      acc_t total = 0;
-      for (int l = 0; l < L; ++l) total += acc[m][n][l];
-      for (int64_t j = i; j < len; ++j)
-        total += static_cast<acc_t>(a[m][j]) * static_cast<acc_t>(b[n][j]);
-      out[m][n] = total;
-    }
+  for (int m = 0; m < MR; ++m) {
+    lane_sums4(acc[m], out[m]);
+    for (int64_t j = i; j < len; ++j)
+#pragma GCC unroll 4
+      for (int n = 0; n < 4; ++n)
+        out[m][n] += static_cast<acc_t>(a[m][j]) * static_cast<acc_t>(b[n][j]);
+  }
 }
 
-template <int MR, typename acc_t, typename TA, typename TB, typename RowOf, typename Store>
-inline __attribute__((always_inline)) void direct_tile(
-    const int64_t* slots, RowOf row_of, const TB* b, int64_t b_stride, int64_t col0,
-    int64_t ncols, int64_t len, Store store) {
-  constexpr int TC = tile_cols<acc_t>(), NR = 4;
+// For MR slots (row of x = rows[m]) and every col in [col_begin, col_end), 4 cols at a
+// time: the dot of A's row a_of(slot, row) with B's row col goes to
+// put(dest_of(slot, row), col, value).
+template <int MR, typename acc_t, typename TA, typename TB, typename AOf, typename DestOf,
+          typename Put>
+inline __attribute__((always_inline)) void slot_tile(
+    const int64_t* slots, const int64_t* rows, AOf a_of, DestOf dest_of, Put put, const TB* b,
+    int64_t b_stride, int64_t col, int64_t col_end, int64_t len) {
   const TA* a[MR];
+  decltype(dest_of(slots[0], rows[0])) dest[MR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) a[m] = row_of(slots[m]);
-  acc_t values[MR][TC];
-  for (int64_t c = 0; c < ncols; c += NR) {
-    const TB* bp[NR];
-    // Past the last column, re-read it: valid memory, result discarded.
-#pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) bp[n] = b + (col0 + (c + n < ncols ? c + n : ncols - 1)) * b_stride;
-    acc_t out[MR][NR];
-    dot_tile<MR, NR, acc_t>(a, bp, len, out);
+  for (int m = 0; m < MR; ++m) {
+    a[m] = a_of(slots[m], rows[m]);
+    dest[m] = dest_of(slots[m], rows[m]);
+  }
+  const TB* bp[4];
+  // Past the last column, re-read it: valid memory, result discarded.
+#pragma GCC unroll 4
+  for (int n = 0; n < 4; ++n) bp[n] = b + (col + n < col_end ? col + n : col_end - 1) * b_stride;
+  acc_t out[MR][4];
+  dot_tile<MR, acc_t>(a, bp, len, out);
+  if (col + 4 <= col_end) {
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) values[m][c + n] = out[m][n];
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) store(slots[m], values[m]);
-}
-
-// A task with at least this many slots gets its B tile packed (see the top of the file).
-constexpr int64_t kPackMinSlots = 8;
-
-// out(slot, col0 + c) for c < ncols and every slot, handed row by row to
-// store(slot, values[TC]). `packed` is scratch of len * TC elements, 32-byte aligned.
-template <typename acc_t, typename TA, typename TB, typename RowOf, typename Store>
-void all_slots(const int64_t* slots, int64_t num_slots, RowOf row_of, const TB* b,
-               int64_t b_stride, int64_t col0, int64_t ncols, int64_t len, acc_t* packed,
-               Store store) {
-  int64_t s = 0;
-  if (num_slots < kPackMinSlots) {
-    for (; s + 2 <= num_slots; s += 2)
-      direct_tile<2, acc_t, TA>(slots + s, row_of, b, b_stride, col0, ncols, len, store);
-    if (s < num_slots)
-      direct_tile<1, acc_t, TA>(slots + s, row_of, b, b_stride, col0, ncols, len, store);
-    return;
-  }
-  pack_tile(b, b_stride, col0, ncols, len, packed);
-  for (; s + kTileRows <= num_slots; s += kTileRows)
-    slot_tile<kTileRows, acc_t, TA>(slots + s, row_of, packed, len, store);
-  switch (num_slots - s) {
-    case 5: slot_tile<5, acc_t, TA>(slots + s, row_of, packed, len, store); break;
-    case 4: slot_tile<4, acc_t, TA>(slots + s, row_of, packed, len, store); break;
-    case 3: slot_tile<3, acc_t, TA>(slots + s, row_of, packed, len, store); break;
-    case 2: slot_tile<2, acc_t, TA>(slots + s, row_of, packed, len, store); break;
-    case 1: slot_tile<1, acc_t, TA>(slots + s, row_of, packed, len, store); break;
-    default: break;
+#pragma GCC unroll 4
+      for (int n = 0; n < 4; ++n) put(dest[m], col + n, out[m][n]);
+  } else {
+    for (int m = 0; m < MR; ++m)
+      for (int64_t n = 0; col + n < col_end; ++n) put(dest[m], col + n, out[m][n]);
   }
 }
 
-// Expand for output columns [col_begin, col_end) of every task's slots.
-// `packed` is caller scratch of r * tile_cols<acc_t>() elements, 32-byte aligned.
+// Every slot against every col in [col_begin, col_end). Columns outermost: the 4 rows
+// of B in flight stay in L1 while the slots' rows of A go past.
+template <typename acc_t, typename TA, typename TB, typename AOf, typename DestOf, typename Put>
+void grouped_dot(const int64_t* slots, const int64_t* rows, int64_t num_slots, AOf a_of,
+                 DestOf dest_of, Put put, const TB* b, int64_t b_stride, int64_t col_begin,
+                 int64_t col_end, int64_t len) {
+  for (int64_t col = col_begin; col < col_end; col += 4) {
+    int64_t s = 0;
+    for (; s + 3 <= num_slots; s += 3)
+      slot_tile<3, acc_t, TA>(slots + s, rows + s, a_of, dest_of, put, b, b_stride, col, col_end, len);
+    if (num_slots - s == 2)
+      slot_tile<2, acc_t, TA>(slots + s, rows + s, a_of, dest_of, put, b, b_stride, col, col_end, len);
+    else if (num_slots - s == 1)
+      slot_tile<1, acc_t, TA>(slots + s, rows + s, a_of, dest_of, put, b, b_stride, col, col_end, len);
+  }
+}
+
+// Expand for output columns [col_begin, col_end):
+//   y[slot / k, col] += sum_q h[slot, q] * U[t, col, q]   for every slot routed to t.
+// Tasks are visited in order for each column block, so every y element receives its
+// contributions in the same order whatever the thread split.
 template <typename acc_t, typename scalar_t>
 void expand_columns(
     const acc_t* __restrict__ h,               // [N * k, r] scaled projections
     const scalar_t* __restrict__ U,            // [T, d_out, r]
     const int64_t* __restrict__ task_slots,    // slots grouped by task
+    const int64_t* __restrict__ task_rows,     // row of x of each of those slots
     const int64_t* __restrict__ task_offsets,  // [T + 1] into task_slots
-    int64_t T, int64_t r, int64_t d_out, int64_t k, int64_t col_begin, int64_t col_end,
-    acc_t* __restrict__ packed,                // [r, TC] scratch
+    int64_t T, int64_t r, int64_t d_out, int64_t col_begin, int64_t col_end,
     acc_t* __restrict__ y) {                   // [N, d_out]
-  constexpr int TC = tile_cols<acc_t>();
-  const auto row_of = [h, r](int64_t slot) { return h + slot * r; };
-  for (int64_t c0 = col_begin; c0 < col_end; c0 += TC) {
-    const int64_t ncols = c0 + TC <= col_end ? TC : col_end - c0;
-    const auto store = [y, d_out, k, c0, ncols](int64_t slot, const acc_t* values) {
-      acc_t* out = y + (slot / k) * d_out + c0;
-      for (int64_t c = 0; c < ncols; ++c) out[c] += values[c];
-    };
+  // 64 rows of U_t (24 KB at r = 96) stay in L1 while every slot of t streams past.
+  constexpr int64_t kColBlock = 64;
+  const auto a_of = [h, r](int64_t slot, int64_t) { return h + slot * r; };
+  const auto dest_of = [y, d_out](int64_t, int64_t row) { return y + row * d_out; };
+  const auto put = [](acc_t* y_row, int64_t col, acc_t v) { y_row[col] += v; };
+  for (int64_t c0 = col_begin; c0 < col_end; c0 += kColBlock) {
+    const int64_t c1 = c0 + kColBlock < col_end ? c0 + kColBlock : col_end;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t begin = task_offsets[t], end = task_offsets[t + 1];
       if (begin == end) continue;
-      all_slots<acc_t, acc_t>(task_slots + begin, end - begin, row_of, U + t * d_out * r, r, c0,
-                              ncols, r, packed, store);
+      grouped_dot<acc_t, acc_t>(task_slots + begin, task_rows + begin, end - begin, a_of,
+                                dest_of, put, U + t * d_out * r, r, c0, c1, r);
+    }
+  }
+}
+
+// The same expand when each U_t is stored column-major (U[t, c, q] at
+// U + t * d_out * r + q * d_out + c, i.e. U.transpose(1, 2) contiguous): then a row
+// of U_t^T is contiguous and 6 slots x 16 columns are accumulated as outer products
+// (12 accumulator vectors + 2 U vectors + 1 broadcast of h), with no sums across lanes.
+// Columns past the last full 16 are done one by one.
+template <int MR, typename acc_t, typename scalar_t>
+inline __attribute__((always_inline)) void outer_tile(
+    const acc_t* const* h_rows, acc_t* const* y_rows, const scalar_t* U_t, int64_t r,
+    int64_t d_out, int64_t c0) {
+  using vec = typename Simd<acc_t>::vec;
+  using unaligned_vec = typename Simd<acc_t>::unaligned_vec;
+  constexpr int L = Simd<acc_t>::kLanes;
+  vec acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = vec{};
+  for (int64_t q = 0; q < r; ++q) {
+    const vec b0 = load_vec<acc_t>(U_t + q * d_out + c0);
+    const vec b1 = load_vec<acc_t>(U_t + q * d_out + c0 + L);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const acc_t hv = h_rows[m][q];
+      acc[m][0] += hv * b0;
+      acc[m][1] += hv * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    auto* y0 = reinterpret_cast<unaligned_vec*>(y_rows[m] + c0);
+    auto* y1 = reinterpret_cast<unaligned_vec*>(y_rows[m] + c0 + L);
+    *y0 = *y0 + acc[m][0];
+    *y1 = *y1 + acc[m][1];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void expand_columns_column_major(
+    const acc_t* __restrict__ h,               // [N * k, r]
+    const scalar_t* __restrict__ U,            // [T, r, d_out] storage of (T, d_out, r)
+    const int64_t* __restrict__ task_slots, const int64_t* __restrict__ task_rows,
+    const int64_t* __restrict__ task_offsets, int64_t T, int64_t r, int64_t d_out,
+    int64_t col_begin, int64_t col_end, acc_t* __restrict__ y) {  // y: [N, d_out]
+  constexpr int TC = 2 * Simd<acc_t>::kLanes;
+  constexpr int MR = 6;
+  const int64_t full_end = col_begin + (col_end - col_begin) / TC * TC;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t begin = task_offsets[t], end = task_offsets[t + 1];
+    const scalar_t* U_t = U + t * d_out * r;
+    // Column tile outermost: its r rows of U_t^T (r cache lines) stay in L1 while every
+    // slot of t goes past.
+    for (int64_t c0 = col_begin; c0 < full_end; c0 += TC) {
+      for (int64_t s = begin; s < end; s += MR) {
+        const int64_t rows = end - s < MR ? end - s : MR;
+        const acc_t* h_rows[MR];
+        acc_t* y_rows[MR];
+        for (int64_t m = 0; m < rows; ++m) {
+          h_rows[m] = h + task_slots[s + m] * r;
+          y_rows[m] = y + task_rows[s + m] * d_out;
+        }
+        switch (rows) {
+          case 6: outer_tile<6>(h_rows, y_rows, U_t, r, d_out, c0); break;
+          case 5: outer_tile<5>(h_rows, y_rows, U_t, r, d_out, c0); break;
+          case 4: outer_tile<4>(h_rows, y_rows, U_t, r, d_out, c0); break;
+          case 3: outer_tile<3>(h_rows, y_rows, U_t, r, d_out, c0); break;
+          case 2: outer_tile<2>(h_rows, y_rows, U_t, r, d_out, c0); break;
+          default: outer_tile<1>(h_rows, y_rows, U_t, r, d_out, c0); break;
+        }
+      }
+    }
+    for (int64_t s = begin; s < end; ++s) {
+      const acc_t* h_row = h + task_slots[s] * r;
+      acc_t* y_row = y + task_rows[s] * d_out;
+      for (int64_t c = full_end; c < col_end; ++c) {
+        acc_t total = 0;
+        for (int64_t q = 0; q < r; ++q) total += h_row[q] * static_cast<acc_t>(U_t[q * d_out + c]);
+        y_row[c] += total;
+      }
     }
   }
 }
 
 // Shrink for rank rows [q_begin, q_end) of task t over a run of its slots.
-// `packed` is caller scratch of d_in * tile_cols<acc_t>() elements, 32-byte aligned.
 template <typename acc_t, typename scalar_t>
 void shrink_rows(
     const scalar_t* __restrict__ x,  // [N, d_in], rows x_row_stride apart
@@ -251,22 +277,19 @@ void shrink_rows(
     const scalar_t* __restrict__ V_t,        // [r, d_in]
     const scalar_t* __restrict__ S_t,        // [r]
     const acc_t* __restrict__ slot_weights,  // [N * k]
-    const int64_t* __restrict__ slots, int64_t num_slots, int64_t k, int64_t r,
-    int64_t d_in, int64_t q_begin, int64_t q_end,
-    acc_t* __restrict__ packed,  // [d_in, TC] scratch
+    const int64_t* __restrict__ slots, const int64_t* __restrict__ rows, int64_t num_slots,
+    int64_t r, int64_t d_in, int64_t q_begin, int64_t q_end,
     acc_t* __restrict__ h) {     // [N * k, r]
-  constexpr int TC = tile_cols<acc_t>();
-  const auto row_of = [x, x_row_stride, k](int64_t slot) {
-    return x + (slot / k) * x_row_stride;
+  const auto a_of = [x, x_row_stride](int64_t, int64_t row) { return x + row * x_row_stride; };
+  struct Dest { acc_t* h_row; acc_t weight; };
+  const auto dest_of = [h, r, slot_weights](int64_t slot, int64_t) {
+    return Dest{h + slot * r, slot_weights[slot]};
   };
-  for (int64_t q0 = q_begin; q0 < q_end; q0 += TC) {
-    const int64_t nq = q0 + TC <= q_end ? TC : q_end - q0;
-    const auto store = [h, r, q0, nq, S_t, slot_weights](int64_t slot, const acc_t* values) {
-      for (int64_t c = 0; c < nq; ++c)
-        h[slot * r + q0 + c] = values[c] * slot_weights[slot] * static_cast<acc_t>(S_t[q0 + c]);
-    };
-    all_slots<acc_t, scalar_t>(slots, num_slots, row_of, V_t, d_in, q0, nq, d_in, packed, store);
-  }
+  const auto put = [S_t](const Dest& dest, int64_t q, acc_t v) {
+    dest.h_row[q] = v * dest.weight * static_cast<acc_t>(S_t[q]);
+  };
+  grouped_dot<acc_t, scalar_t>(slots, rows, num_slots, a_of, dest_of, put, V_t, d_in, q_begin,
+                               q_end, d_in);
 }
 
 // ||x[n]||^2 for n in [row_begin, row_end), into out[n - row_begin].
