@@ -137,13 +137,25 @@ at::Tensor routed_linear_prerouted_autograd(
   return PreroutedFunction::apply(x, weight, bias, U, S, V, indices, weights);
 }
 
+// A routing decision has no gradient: run below autograd, so no output requires grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_autograd(
+    const at::Tensor& x, const at::Tensor& V, int64_t top_k, double temperature,
+    double threshold, c10::string_view weighting) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mass_ext::route", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                           c10::string_view)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, V, top_k, temperature, threshold, weighting);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mass_ext, Autograd, m) {
   m.impl("routed_linear", &routed_linear_autograd);
   m.impl("routed_linear_prerouted", &routed_linear_prerouted_autograd);
-  // A routing decision has no gradient: outputs never require grad.
-  m.impl("route", torch::CppFunction::makeFallthrough());
+  m.impl("route", &route_autograd);
 }
 
 }  // namespace mass_ext

@@ -18,13 +18,17 @@ enum class Weighting : int { kUniform = 0, kSoftmax = 1, kRenormalized = 2 };
 // Added to the standard deviation before dividing, as in DESIGN.md.
 constexpr double kStandardizeEps = 1e-6;
 
-// logit_t = -res_t with res_t = sqrt(max(||x||^2 - ||z_t||^2, 0)) (V_t has orthonormal
-// rows). A NaN logit becomes -inf so that a non-finite row still selects valid tasks.
+// res_t = sqrt(max(||x||^2 - ||z_t||^2, 0)) (V_t has orthonormal rows). A row with a
+// NaN or inf gets NaN residuals, as the explicit ||x - V_t^T z_t|| would.
 template <typename acc_t>
 MASS_HOST_DEVICE acc_t residual_from_norms(acc_t x_norm2, acc_t z_norm2) {
   const acc_t diff = x_norm2 - z_norm2;
+  if (std::isnan(diff) || std::isinf(x_norm2)) return std::numeric_limits<acc_t>::quiet_NaN();
   return std::sqrt(diff > acc_t(0) ? diff : acc_t(0));
 }
+
+// logit_t = -res_t; a NaN logit becomes -inf so that a non-finite row still selects
+// valid tasks (the lowest ids, as ties).
 
 template <typename acc_t>
 MASS_HOST_DEVICE acc_t logit_from_residual(acc_t residual) {
@@ -79,7 +83,7 @@ MASS_HOST_DEVICE void select_tasks(
   }
   // A dropped slot keeps its place (shapes stay fixed); the first slot is never dropped.
   for (int64_t j = 1; j < top_k; ++j) {
-    if (probs[indices[j]] <= threshold) indices[j] = -1;
+    if (!(probs[indices[j]] > threshold)) indices[j] = -1;
   }
   for (int64_t j = 0; j < top_k; ++j) {
     if (indices[j] >= 0) kept_prob_sum += probs[indices[j]];

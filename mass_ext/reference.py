@@ -26,7 +26,7 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
         probs = torch.ones_like(logits)
     else:
         mean = logits.mean(dim=-1, keepdim=True)
-        std = logits.std(dim=-1, keepdim=True, unbiased=True)
+        std = (((logits - mean) ** 2).sum(dim=-1, keepdim=True) / (T - 1)).sqrt()  # unbiased
         probs = torch.softmax((logits - mean) / (std + STANDARDIZE_EPS) / temperature, dim=-1)
     # A stable descending sort keeps the lower task index first among ties.
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]

@@ -413,11 +413,9 @@ def test_non_finite_row_leaves_other_rows_alone():
     assert_output_matches(out[finite], x[finite], layer, got.indices[finite], got.weights[finite])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: for a row of x holding inf or nan, the C++ route returns residual 0 for "
-    "every task (sqrt(max(nan, 0)) = 0 in residual_from_norms) and keeps all k slots, "
-    "while the reference returns residual nan, p = nan and drops slots 1..k-1 (index -1)"))
 def test_non_finite_row_matches_reference():
+    # Defined behaviour: a row holding inf/nan gets NaN residuals, ranks its tasks by id
+    # (ties) and keeps only the first slot (p is NaN, and a slot is kept iff p > threshold).
     layer = make_layer(8, 16, 64, 65, seed=25)
     x = make_x((2, 64), seed=26)
     x[0, 3] = float("inf")
@@ -447,3 +445,27 @@ def test_random_small_shapes_match_reference(n, d_in, d_out, T, r_frac, k_frac, 
     case = Case((n,), d_in, d_out, T, r, k, weighting, temperature, threshold, True,
                 "contiguous")
     _check_case(case, torch.float32, seed=seed)
+
+
+# ------------------------------------------------- column-major U (the expand's fast layout)
+
+@pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
+@pytest.mark.parametrize("n, d_out, T, r, k", [
+    (1, 1, 2, 3, 1), (7, 15, 3, 5, 2), (7, 16, 3, 5, 3), (133, 17, 8, 16, 2),
+    (133, 300, 20, 7, 4), (40, 48, 1, 1, 1),
+])
+def test_column_major_U_matches_reference(n, d_out, T, r, k, dtype):
+    """U given as U.transpose(1, 2) contiguous takes the outer-product expand: full
+    16-column tiles, a column tail, 1..6-row tiles, every dtype."""
+    layer = make_layer(T, r, 33, d_out, dtype=dtype, seed=40 + n)
+    x = make_x((n, 33), dtype, seed=41)
+    U_column_major = layer.U.transpose(1, 2).contiguous().transpose(1, 2)
+    params = list(layer.params)
+    params[2] = U_column_major
+    routing = mass_ext.route(x, layer.V, k, weighting="softmax")
+    out = mass_ext.routed_linear(x, *params, k, weighting="softmax")
+    assert_output_matches(out, x, layer, routing.indices, routing.weights, "self-routed")
+    indices = torch.randint(-1, T, (n, k), generator=generator(42))
+    weights = torch.rand(n, k, generator=generator(43))
+    out = mass_ext.routed_linear(x, *params, indices=indices, weights=weights)
+    assert_output_matches(out, x, layer, indices, weights, "pre-routed")

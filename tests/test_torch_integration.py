@@ -63,22 +63,11 @@ def test_opcheck_routed_linear_prerouted(case, requires_grad):
     _assert_opcheck(OPS.routed_linear_prerouted.default, (x, *layer.params, indices, weights))
 
 
-ROUTE_NOT_DIFFERENTIABLE = (
-    "library bug: mass_ext::route registers no autograd kernel, so for x.requires_grad=True "
-    "its weights/residuals come back with requires_grad=True through PyTorch's deprecated "
-    "autograd-not-implemented fallback (backward warns 'may lead to silently incorrect "
-    "behavior' and yields no gradient), and opcheck's test_aot_dispatch_dynamic fails with "
-    "'result type Float can't be cast to the desired output type Long'; DESIGN/ops.py say "
-    "route is not differentiable (routed_linear marks its routing outputs non-differentiable)")
-
-
-@pytest.mark.xfail(strict=True, reason=ROUTE_NOT_DIFFERENTIABLE)
 def test_opcheck_route_with_requires_grad():
     x, layer = _opcheck_inputs(OPCHECK_CASES[0], requires_grad=True)
     _assert_opcheck(OPS.route.default, (x, layer.V, 2, 1.0, 0.0, "softmax"))
 
 
-@pytest.mark.xfail(strict=True, reason=ROUTE_NOT_DIFFERENTIABLE)
 def test_route_outputs_are_not_differentiable():
     x, layer = _opcheck_inputs(OPCHECK_CASES[0], requires_grad=True)
     routing = mass_ext.route(x, layer.V, 2, weighting="softmax")
