@@ -1,7 +1,9 @@
 """CPU latency of mass_ext.routed_linear against its baselines, measured in one run.
 
 Providers (all on the same inputs, taking turns every round):
-  fused        mass_ext.routed_linear, self-routed top-k (the C++ kernel)
+  fused        mass_ext.routed_linear, self-routed top-k (the C++ kernel), U stored
+               column-major per task (U.transpose(1, 2) contiguous: the expand's layout)
+  fused_rowU   the same with U contiguous (T, d_out, r)
   prerouted_k1 mass_ext.routed_linear with indices/weights given, k = 1
   reference    mass_ext.reference.routed_linear (pure PyTorch, explicit residuals)
   loop         route, then one masked pass per task with index_add_ (what users write)
@@ -36,17 +38,16 @@ SHAPES = [
     (4096, 8, 512, 2, [1, 16]),
 ]
 
-PROVIDERS = ["fused", "prerouted_k1", "reference", "loop", "floor_base", "floor_cat"]
-
-
 def providers_for(layer: common.Layer, x: torch.Tensor, k: int) -> dict:
     W, b, U, S, V = layer.weight, layer.bias, layer.U, layer.S, layer.V
+    U_cm = U.transpose(1, 2).contiguous().transpose(1, 2)  # same values, expand layout
     W_cat = torch.cat([W, V.reshape(-1, V.shape[-1])])
     top1 = mass_ext.route(x, V, 1)
     return {
-        "fused": lambda: mass_ext.routed_linear(x, W, b, U, S, V, k),
-        "prerouted_k1": lambda: mass_ext.routed_linear(x, W, b, U, S, V, indices=top1.indices,
-                                                       weights=top1.weights),
+        "fused": lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, k),
+        "fused_rowU": lambda: mass_ext.routed_linear(x, W, b, U, S, V, k),
+        "prerouted_k1": lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V,
+                                                       indices=top1.indices, weights=top1.weights),
         "reference": lambda: reference.routed_linear(x, W, b, U, S, V, k),
         "loop": lambda: reference.per_task_loop(x, W, b, U, S, V, k),
         "floor_base": lambda: F.linear(x, W, b),
@@ -67,6 +68,8 @@ def run(rounds: int, min_run_time: float, dtype: torch.dtype) -> dict:
                    "median_us": {p: 1e6 * sorted(t)[len(t) // 2] for p, t in times.items()},
                    "ratios": {
                        "fused/floor_cat": common.ratio_stats(times["fused"], times["floor_cat"]),
+                       "fused_rowU/floor_cat": common.ratio_stats(times["fused_rowU"],
+                                                                  times["floor_cat"]),
                        "prerouted_k1/floor_base": common.ratio_stats(times["prerouted_k1"],
                                                                      times["floor_base"]),
                        "loop/fused": common.ratio_stats(times["loop"], times["fused"]),
@@ -92,13 +95,15 @@ def markdown(result: dict) -> str:
         "Ratios are medians over rounds of per-round time ratios (range in brackets); "
         "lower is better for the first two, higher for the last two.",
         "",
-        "| d | T | r | k | N | fused / F.linear(x, [W; V]) | pre-routed k=1 / F.linear(x, W, b) "
-        "| per-task loop / fused | reference / fused | fused time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| d | T | r | k | N | fused / F.linear(x, [W; V]) | same, U row-major "
+        "| pre-routed k=1 / F.linear(x, W, b) | per-task loop / fused | reference / fused "
+        "| fused time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         cells = []
-        for name in ("fused/floor_cat", "prerouted_k1/floor_base", "loop/fused", "reference/fused"):
+        for name in ("fused/floor_cat", "fused_rowU/floor_cat", "prerouted_k1/floor_base",
+                     "loop/fused", "reference/fused"):
             s = row["ratios"][name]
             cells.append(f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]")
         lines.append(f"| {row['d_in']} | {row['T']} | {row['r']} | {row['k']} | {row['N']} | "

@@ -223,6 +223,35 @@ inline __attribute__((always_inline)) void outer_tile(
   }
 }
 
+// Fewer slots than a tile (decode): stream whole rows of U_t^T, contiguous, and add
+// h[q] * U_t^T[q] into each slot's y block, which stays in L1. Reading U_t^T in 16-column
+// strips instead would touch one page per row of U_t^T for every strip.
+template <typename acc_t, typename scalar_t>
+inline void axpy_rows(
+    const acc_t* const* h_rows, acc_t* const* y_rows, int64_t rows, const scalar_t* U_t,
+    int64_t r, int64_t d_out, int64_t col_begin, int64_t col_end) {
+  using vec = typename Simd<acc_t>::vec;
+  using unaligned_vec = typename Simd<acc_t>::unaligned_vec;
+  constexpr int L = Simd<acc_t>::kLanes;
+  constexpr int64_t kBlock = 1024;  // columns of y per pass: 4 KB per row in float32
+  for (int64_t b0 = col_begin; b0 < col_end; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < col_end ? b0 + kBlock : col_end;
+    for (int64_t q = 0; q < r; ++q) {
+      const scalar_t* u = U_t + q * d_out;
+      for (int64_t m = 0; m < rows; ++m) {
+        const acc_t hv = h_rows[m][q];
+        acc_t* y = y_rows[m];
+        int64_t c = b0;
+        for (; c + L <= b1; c += L) {
+          auto* yv = reinterpret_cast<unaligned_vec*>(y + c);
+          *yv = *yv + hv * load_vec<acc_t>(u + c);
+        }
+        for (; c < b1; ++c) y[c] += hv * static_cast<acc_t>(u[c]);
+      }
+    }
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 void expand_columns_column_major(
     const acc_t* __restrict__ h,               // [N * k, r]
@@ -236,6 +265,16 @@ void expand_columns_column_major(
   for (int64_t t = 0; t < T; ++t) {
     const int64_t begin = task_offsets[t], end = task_offsets[t + 1];
     const scalar_t* U_t = U + t * d_out * r;
+    if (end - begin < MR) {
+      const acc_t* h_rows[MR];
+      acc_t* y_rows[MR];
+      for (int64_t m = 0; m < end - begin; ++m) {
+        h_rows[m] = h + task_slots[begin + m] * r;
+        y_rows[m] = y + task_rows[begin + m] * d_out;
+      }
+      axpy_rows(h_rows, y_rows, end - begin, U_t, r, d_out, col_begin, col_end);
+      continue;
+    }
     // Column tile outermost: its r rows of U_t^T (r cache lines) stay in L1 while every
     // slot of t goes past.
     for (int64_t c0 = col_begin; c0 < full_end; c0 += TC) {
