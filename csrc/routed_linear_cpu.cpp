@@ -46,38 +46,27 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-// The same kernels, run with the widest instruction set this CPU has.
-template <typename acc_t, typename scalar_t, typename... Args>
-void expand_columns(Args... args) {
+// Each kernel of lowrank_tiles.h, run with the widest instruction set this CPU has:
+// name<acc_t, ...>(args...) forwards to avx2::name or baseline::name.
 #ifdef MASS_EXT_HAS_AVX2_PATH
-  if (cpu_has_avx2_fma()) return avx2::expand_columns<acc_t, scalar_t>(args...);
+#define MASS_EXT_PICK_ISA(name)                                    \
+  template <typename... Types, typename... Args>                   \
+  void name(Args... args) {                                        \
+    if (cpu_has_avx2_fma()) return avx2::name<Types...>(args...);  \
+    baseline::name<Types...>(args...);                             \
+  }
+#else
+#define MASS_EXT_PICK_ISA(name)                  \
+  template <typename... Types, typename... Args> \
+  void name(Args... args) {                      \
+    baseline::name<Types...>(args...);           \
+  }
 #endif
-  baseline::expand_columns<acc_t, scalar_t>(args...);
-}
-
-template <typename acc_t, typename scalar_t, typename... Args>
-void expand_columns_column_major(Args... args) {
-#ifdef MASS_EXT_HAS_AVX2_PATH
-  if (cpu_has_avx2_fma()) return avx2::expand_columns_column_major<acc_t, scalar_t>(args...);
-#endif
-  baseline::expand_columns_column_major<acc_t, scalar_t>(args...);
-}
-
-template <typename acc_t, typename scalar_t, typename... Args>
-void shrink_rows(Args... args) {
-#ifdef MASS_EXT_HAS_AVX2_PATH
-  if (cpu_has_avx2_fma()) return avx2::shrink_rows<acc_t, scalar_t>(args...);
-#endif
-  baseline::shrink_rows<acc_t, scalar_t>(args...);
-}
-
-template <typename acc_t, typename... Args>
-void row_norms2(Args... args) {
-#ifdef MASS_EXT_HAS_AVX2_PATH
-  if (cpu_has_avx2_fma()) return avx2::row_norms2<acc_t>(args...);
-#endif
-  baseline::row_norms2<acc_t>(args...);
-}
+MASS_EXT_PICK_ISA(expand_columns)
+MASS_EXT_PICK_ISA(expand_columns_column_major)
+MASS_EXT_PICK_ISA(shrink_rows)
+MASS_EXT_PICK_ISA(row_norms2)
+#undef MASS_EXT_PICK_ISA
 
 // Enough element operations per task for at::parallel_for to be worth a thread.
 constexpr int64_t kParallelWork = 32768;
