@@ -1,6 +1,7 @@
 """mass_ext: MASS (MoErging through Adaptive Subspace Selection) as one fused op.
 
-Public API: routed_linear, route, Routing, reference, backend.
+Public API: routed_linear, route, Routing, reference, backend (the op);
+RoutedLinear, MASS, pick_head (the model level).
 """
 import logging
 
@@ -15,8 +16,11 @@ except ImportError as _error:  # not built: every op runs the pure-PyTorch refer
     )
 
 from . import reference
+from .model import MASS, pick_head
+from .nn import RoutedLinear
 from .ops import backend, route, routed_linear
 from .routing import Routing
 
-__all__ = ["routed_linear", "route", "Routing", "reference", "backend"]
+__all__ = ["routed_linear", "route", "Routing", "reference", "backend", "RoutedLinear", "MASS",
+           "pick_head"]
 __version__ = "0.1.0"

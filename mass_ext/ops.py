@@ -40,14 +40,20 @@ def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, thresho
     through the selected tasks; the routing decision itself is a constant.
     """
     check.check_indices_weights_pair(indices, weights)
-    if not _LOADED:
-        return reference.routed_linear(x, weight, bias, U, S, V, top_k, temperature=temperature,
-                                       threshold=threshold, weighting=weighting,
-                                       indices=indices, weights=weights)
     if indices is None:
-        return torch.ops.mass_ext.routed_linear(x, weight, bias, U, S, V, top_k, temperature,
-                                                threshold, weighting)[0]
+        return self_routed(x, weight, bias, U, S, V, top_k, temperature, threshold, weighting)[0]
+    if not _LOADED:
+        return reference.routed_linear(x, weight, bias, U, S, V, indices=indices, weights=weights)
     return torch.ops.mass_ext.routed_linear_prerouted(x, weight, bias, U, S, V, indices, weights)
+
+
+def self_routed(x, weight, bias, U, S, V, top_k, temperature, threshold, weighting):
+    """The self-routed form with the routing it used: (out, indices, weights)."""
+    if not _LOADED:
+        return _reference_routed_linear(x, weight, bias, U, S, V, top_k, temperature, threshold,
+                                        weighting)
+    return torch.ops.mass_ext.routed_linear(x, weight, bias, U, S, V, top_k, temperature,
+                                            threshold, weighting)
 
 
 def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform") -> Routing:

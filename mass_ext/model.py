@@ -1,0 +1,345 @@
+"""Model-level MASS: build a routed model from a base model and T fine-tuned copies, route
+each sample (two-pass, as in the paper, or every layer on its own rows), pick heads, and
+store everything in one safetensors bundle."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .nn import RoutedLinear, _RouteState, decorrelate_factors, default_rank, low_rank_factors
+from .routing import Routing
+
+FORMAT_VERSION = 1
+FIRST_PASSES = ("pretrained", "tsvm")
+POOLINGS = ("cls", "mean")
+MODES = ("two_pass", "per_layer")
+
+Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+
+
+def _state_dict(checkpoint: Checkpoint, name: str) -> dict:
+    if isinstance(checkpoint, nn.Module):
+        return {k: v.detach() for k, v in checkpoint.state_dict().items()}
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from safetensors.torch import load_file
+        return load_file(os.fspath(checkpoint))
+    raise TypeError(f"finetuned[{name!r}] must be an nn.Module, a state dict or a path to a "
+                    f".safetensors file, got {type(checkpoint).__name__}")
+
+
+def _linear_names(model: nn.Module) -> list:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class _EarlyExit(Exception):
+    """Raised by the router layer's hook to stop pass 1 once its input is known."""
+
+
+class MASS(nn.Module):
+    """A base model whose Linear layers carry T routed low-rank task updates.
+
+    Call it like the base model: same arguments, same outputs. `routing` holds the
+    per-sample decision of the last call (two-pass mode), `task_names` the tasks.
+    Build with `MASS.from_finetuned`, store with `save`, restore with `MASS.load`.
+    """
+
+    def __init__(self, model: nn.Module, task_names: Sequence[str], *, router_layer: str,
+                 pooling: Union[str, Callable] = "cls", top_k: int = 1,
+                 temperature: float = 1.0, threshold: float = 0.0,
+                 weighting: str = "uniform", mode: str = "two_pass",
+                 first_pass: str = "pretrained", first_pass_scale: float = 1.0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
+        if not callable(pooling) and pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
+        self.model = model
+        self.task_names = list(task_names)
+        self.routed = {name: m for name, m in model.named_modules() if isinstance(m, RoutedLinear)}
+        if router_layer not in self.routed:
+            raise ValueError(
+                f"router_layer must name a routed Linear layer; {router_layer!r} is not one. "
+                f"Routed layers: {sorted(self.routed)}")
+        self.router_layer, self.pooling, self.mode = router_layer, pooling, mode
+        self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
+        self.top_k, self.temperature, self.threshold, self.weighting = (
+            top_k, temperature, threshold, weighting)
+        self._state = _RouteState()
+        for layer in self.routed.values():
+            layer.state = self._state
+            layer.top_k, layer.temperature, layer.threshold, layer.weighting = (
+                top_k, temperature, threshold, weighting)
+        self.routing: Optional[Routing] = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_finetuned(cls, base: nn.Module, finetuned: Mapping[str, Checkpoint], *,
+                       rank: Optional[int] = None, router_layer: str,
+                       pooling: Union[str, Callable] = "cls", top_k: int = 1,
+                       temperature: float = 1.0, threshold: float = 0.0,
+                       weighting: str = "uniform", mode: str = "two_pass",
+                       target: Optional[Sequence[str]] = None, first_pass: str = "pretrained",
+                       decorrelate: bool = False, progress: bool = True) -> "MASS":
+        """Builds MASS from `base` (left untouched) and named fine-tuned checkpoints.
+
+        Every targeted nn.Linear (default: every Linear whose weight differs in some task)
+        becomes a RoutedLinear with per-task truncated SVD factors of rank `rank` (default
+        min(d_out, d_in) // T, clamped per layer with one warning). Every other parameter
+        or buffer that differs (biases, norms, embeddings) is averaged over the tasks.
+        first_pass: weights of the routing pass, "pretrained" (default: the base model,
+        no extra compute or storage, and the features MASS routes on are the base
+        model's) or "tsvm" (the TSV-M merge: all tasks' blocks summed, with decorrelated
+        factors recommended).
+        """
+        from tqdm.auto import tqdm
+
+        if not finetuned:
+            raise ValueError("finetuned must hold at least one task, got none")
+        names = list(finetuned)
+        base_state = {k: v.detach() for k, v in base.state_dict().items()}
+        states = [_state_dict(finetuned[n], n) for n in names]
+        for name, state in zip(names, states):
+            missing = sorted(set(base_state) - set(state))
+            extra = sorted(set(state) - set(base_state))
+            if missing or extra:
+                raise ValueError(f"finetuned[{name!r}] does not match the base model: missing "
+                                 f"{missing[:5]}, unexpected {extra[:5]}")
+            for key, value in base_state.items():
+                if tuple(state[key].shape) != tuple(value.shape):
+                    raise ValueError(f"finetuned[{name!r}] parameter {key!r} has shape "
+                                     f"{tuple(state[key].shape)}, base has {tuple(value.shape)}")
+        linears = _linear_names(base)
+        if target is None:
+            target = [n for n in linears
+                      if any(not torch.equal(s[f"{n}.weight"], base_state[f"{n}.weight"])
+                             for s in states)]
+        else:
+            unknown = [n for n in target if n not in linears]
+            if unknown:
+                raise ValueError(f"target names layers that are not nn.Linear: {unknown}; "
+                                 f"Linear layers: {linears}")
+        if router_layer not in linears:
+            raise ValueError(f"router_layer {router_layer!r} is not an nn.Linear of the base "
+                             f"model; Linear layers: {linears}")
+        if router_layer not in target:
+            raise ValueError(f"router_layer {router_layer!r} is not routed (no task changes it, "
+                             f"or it is not in target); routed layers: {list(target)}")
+
+        model = copy.deepcopy(base)
+        T = len(names)
+        # Everything but the routed weights: the mean over tasks where tasks differ.
+        merged = {}
+        routed_weights = {f"{n}.weight" for n in target}
+        for key, value in base_state.items():
+            if key in routed_weights or not value.is_floating_point():
+                continue
+            if any(not torch.equal(s[key], value) for s in states):
+                merged[key] = torch.stack([s[key] for s in states]).to(torch.float64).mean(0).to(value.dtype)
+        model.load_state_dict({**base_state, **merged})
+
+        clamped = []
+        for name in tqdm(target, desc="MASS: SVD per layer", disable=not progress):
+            linear = model.get_submodule(name)
+            d_out, d_in = linear.weight.shape
+            r = default_rank(d_out, d_in, T) if rank is None else rank
+            if r > min(d_out, d_in):
+                clamped.append(f"{name} ({r} -> {min(d_out, d_in)})")
+                r = min(d_out, d_in)
+            layer = RoutedLinear.from_linear(
+                linear, [s[f"{name}.weight"] for s in states], rank=r, decorrelate=decorrelate,
+                top_k=top_k, temperature=temperature, threshold=threshold, weighting=weighting)
+            _set_submodule(model, name, layer)
+        if clamped:
+            warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
+                          stacklevel=2)
+        return cls(model, names, router_layer=router_layer, pooling=pooling, top_k=top_k,
+                   temperature=temperature, threshold=threshold, weighting=weighting, mode=mode,
+                   first_pass=first_pass)
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, *args, **kwargs):
+        if self.mode == "per_layer":
+            self._state.mode = "self"
+            return self.model(*args, **kwargs)
+        routing = self.route(*args, **kwargs)
+        self._state.mode, self._state.indices, self._state.weights = (
+            "prerouted", routing.indices, routing.weights)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._state.mode, self._state.indices, self._state.weights = "self", None, None
+
+    def route(self, *args, **kwargs) -> Routing:
+        """Pass 1 only: runs the model up to the router layer, pools its input per sample
+        and routes it. Sets and returns `self.routing`."""
+        captured = {}
+
+        def capture(_module, inputs):
+            captured["x"] = inputs[0]
+            raise _EarlyExit
+
+        router = self.routed[self.router_layer]
+        hook = router.register_forward_pre_hook(capture)
+        self._first_pass_state(args, kwargs)
+        try:
+            self.model(*args, **kwargs)
+        except _EarlyExit:
+            pass
+        finally:
+            hook.remove()
+            self._state.mode, self._state.indices, self._state.weights = "self", None, None
+        if "x" not in captured:
+            raise RuntimeError(f"the router layer {self.router_layer!r} was not reached by "
+                               "the forward pass")
+        pooled = self._pool(captured["x"], kwargs)
+        routing = ops.route(pooled, router.V, self.top_k, temperature=self.temperature,
+                            threshold=self.threshold, weighting=self.weighting)
+        self.routing = routing
+        return routing
+
+    def _first_pass_state(self, args, kwargs) -> None:
+        if self.first_pass == "pretrained":
+            self._state.mode = "base"
+            return
+        # TSV-M: every task's block, scaled, for every sample (batch size from the input).
+        first = next(iter(args), None)
+        if first is None:
+            first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        T = len(self.task_names)
+        device = first.device
+        self._state.mode = "prerouted"
+        self._state.indices = torch.arange(T, device=device).expand(first.shape[0], T)
+        self._state.weights = torch.full((first.shape[0], T), self.first_pass_scale,
+                                         device=device)
+
+    def _pool(self, x: torch.Tensor, kwargs) -> torch.Tensor:
+        if callable(self.pooling):
+            return self.pooling(x, kwargs)
+        if x.dim() == 2:  # one row per sample already
+            return x
+        if self.pooling == "cls":
+            return x[:, 0]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return x.mean(dim=1)
+        mask = mask.to(x.dtype).reshape(*mask.shape[:2], *([1] * (x.dim() - 2)))
+        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    # ------------------------------------------------------------------ storage
+    def metadata(self) -> dict:
+        return {
+            "format": "mass_ext", "format_version": FORMAT_VERSION,
+            "task_names": self.task_names,
+            "routed_layers": {n: {"rank": m.rank, "in_features": m.in_features,
+                                  "out_features": m.out_features}
+                              for n, m in self.routed.items()},
+            "router": {"router_layer": self.router_layer,
+                       "pooling": self.pooling if isinstance(self.pooling, str) else "callable",
+                       "top_k": self.top_k, "temperature": self.temperature,
+                       "threshold": self.threshold, "weighting": self.weighting,
+                       "mode": self.mode, "first_pass": self.first_pass,
+                       "first_pass_scale": self.first_pass_scale},
+        }
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """One safetensors file: every tensor of the model (base weights, routed factors,
+        averaged parameters) plus the metadata. Written to a temporary file in the same
+        folder and renamed, so an existing bundle is never left half-written."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mass_ext-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"mass_ext": json.dumps(self.metadata())})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], base_skeleton: nn.Module,
+             pooling: Optional[Callable] = None) -> "MASS":
+        """Restores a bundle onto a copy of `base_skeleton` (a model of the base
+        architecture; its weights are not used and it is left untouched)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("mass_ext")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # safetensors raises several types for a bad file
+            raise ValueError(f"{path} is not a readable safetensors bundle: {error}") from error
+        if raw is None:
+            raise ValueError(f"{path} is a safetensors file but not a mass_ext bundle "
+                             "(no 'mass_ext' metadata)")
+        meta = json.loads(raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has bundle format version {meta.get('format_version')}; "
+                             f"this mass_ext reads version {FORMAT_VERSION}")
+        model = copy.deepcopy(base_skeleton)
+        linears = set(_linear_names(model))
+        for name in meta["routed_layers"]:
+            if name not in linears:
+                raise ValueError(f"{path} routes layer {name!r}, which the base skeleton has "
+                                 f"not as an nn.Linear")
+            prefix = f"{name}."
+            linear = model.get_submodule(name)
+            bias = tensors.get(prefix + "bias")
+            layer = RoutedLinear(tensors[prefix + "weight"], bias,
+                                 tensors[prefix + "U_t"].transpose(1, 2),
+                                 tensors[prefix + "S"], tensors[prefix + "V"])
+            if tuple(layer.weight.shape) != tuple(linear.weight.shape):
+                raise ValueError(f"{path}: layer {name!r} has weight shape "
+                                 f"{tuple(layer.weight.shape)}, the base skeleton "
+                                 f"{tuple(linear.weight.shape)}")
+            _set_submodule(model, name, layer)
+        result = model.load_state_dict(tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path} does not match the base skeleton: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        router = dict(meta["router"])
+        if router["pooling"] == "callable":
+            if pooling is None:
+                raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
+            router["pooling"] = pooling
+        return cls(model, meta["task_names"], **router)
+
+
+def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
+    """Task-unknown classification with per-task heads (the paper's rule): among the tasks
+    a sample selected, use the head whose max logit is largest.
+
+    head_logits: T tensors (B, C_t) (each task's head on the routed features).
+    Returns (task (B,) int64, prediction (B,) int64 class index within that task's head).
+    """
+    B = routing.indices.shape[0]
+    best = torch.stack([logits.max(dim=-1).values.float() for logits in head_logits], dim=-1)
+    kept = routing.indices >= 0
+    candidate_scores = torch.where(kept, best.gather(-1, routing.indices.clamp(min=0)),
+                                   float("-inf"))
+    choice = candidate_scores.argmax(dim=-1)
+    task = routing.indices.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    predictions = torch.stack([logits.argmax(dim=-1) for logits in head_logits], dim=-1)
+    return task, predictions[torch.arange(B), task]

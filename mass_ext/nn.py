@@ -1,0 +1,161 @@
+"""RoutedLinear: a drop-in nn.Linear that carries T low-rank task updates and routes
+every input row to them (mass_ext.routed_linear), and the factorisation that builds it."""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._validation import WEIGHTINGS
+
+
+def default_rank(d_out: int, d_in: int, num_tasks: int) -> int:
+    """The paper's default per-task rank: min(d_out, d_in) // T, at least 1."""
+    return max(1, min(d_out, d_in) // num_tasks)
+
+
+def low_rank_factors(deltas: torch.Tensor, rank: int):
+    """Per-task truncated SVD of deltas (T, d_out, d_in): U (T, d_out, r), S (T, r),
+    V (T, r, d_in) with orthonormal rows, such that U_t diag(S_t) V_t is the best rank-r
+    approximation of delta t (exact when its rank is <= r). Computed in float64."""
+    T, d_out, d_in = deltas.shape
+    if not 1 <= rank <= min(d_out, d_in):
+        raise ValueError(f"rank must be in 1..min(d_out, d_in) = 1..{min(d_out, d_in)}, got {rank}")
+    U, S, Vh = torch.linalg.svd(deltas.to(torch.float64), full_matrices=False)
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+def decorrelate_factors(U: torch.Tensor, V: torch.Tensor):
+    """TSV-style decorrelation: replace the stacked U (d_out, T r) and V (T r, d_in) by the
+    nearest matrices with orthonormal columns/rows (polar factor), so that different tasks'
+    subspaces do not overlap. Needs T * r <= min(d_out, d_in)."""
+    T, d_out, r = U.shape
+    d_in = V.shape[-1]
+    if T * r > min(d_out, d_in):
+        raise ValueError(
+            f"decorrelation needs T * r <= min(d_out, d_in) = {min(d_out, d_in)}, got {T} * {r}")
+
+    def polar(m):  # nearest matrix with orthonormal columns
+        P, _, Qh = torch.linalg.svd(m, full_matrices=False)
+        return P @ Qh
+
+    U_stacked = polar(U.permute(1, 0, 2).reshape(d_out, T * r))
+    V_stacked = polar(V.reshape(T * r, d_in).T).T
+    return U_stacked.reshape(d_out, T, r).permute(1, 0, 2), V_stacked.reshape(T, r, d_in)
+
+
+class _RouteState(threading.local):
+    """Per-thread routing instruction shared by the RoutedLinear layers of one model, so
+    that threads calling the same model at once do not see each other's routing."""
+
+    def __init__(self):
+        self.mode = "self"          # "self" | "base" | "prerouted"
+        self.indices = None         # (B, k) per sample, for "prerouted"
+        self.weights = None
+
+
+class RoutedLinear(nn.Module):
+    """nn.Linear plus T low-rank task updates, routed per input row.
+
+    Semantics: y = mass_ext.routed_linear(x, weight, bias, U, S, V, top_k, ...), i.e.
+    F.linear(x, weight, bias) + sum over the selected tasks t of w_t U_t (S_t * V_t x).
+
+    Attributes: weight (d_out, d_in) and bias (d_out,) as in nn.Linear; U (T, d_out, r)
+    stored column-major per task (the layout the CPU expand reads fastest), S (T, r),
+    V (T, r, d_in). Routing options: top_k, temperature, threshold, weighting.
+
+    A model-level MASS wrapper may instead route whole samples once (two-pass) and have
+    every RoutedLinear apply that decision: see `mass_ext.MASS`.
+    """
+
+    def __init__(self, weight, bias, U, S, V, *, top_k=1, temperature=1.0, threshold=0.0,
+                 weighting="uniform"):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        # (T, r, d_out) storage; .U is its transposed view (T, d_out, r).
+        self.register_buffer("U_t", U.detach().transpose(1, 2).contiguous())
+        self.register_buffer("S", S.detach().clone().contiguous())
+        self.register_buffer("V", V.detach().clone().contiguous())
+        self.top_k, self.temperature, self.threshold, self.weighting = (
+            top_k, temperature, threshold, weighting)
+        self.state: Optional[_RouteState] = None  # set by MASS
+        self.last_routing = None                  # (indices, weights) of the last self-routed call
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.U_t.transpose(1, 2)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[1]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tasks={self.num_tasks}, rank={self.rank}, "
+                f"top_k={self.top_k}, weighting={self.weighting!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = "self" if self.state is None else self.state.mode
+        if mode == "base":
+            return F.linear(x, self.weight, self.bias)
+        if mode == "self":
+            out, indices, weights = ops.self_routed(
+                x, self.weight, self.bias, self.U, self.S, self.V, self.top_k, self.temperature,
+                self.threshold, self.weighting)
+            self.last_routing = (indices, weights)
+            return out
+        # Per-sample decision (B, k), applied to every row of that sample.
+        indices, weights = self.state.indices, self.state.weights
+        lead = x.shape[:-1]
+        extra = (1,) * (len(lead) - 1)
+        indices = indices.view(lead[0], *extra, -1).expand(*lead, indices.shape[-1])
+        weights = weights.view(lead[0], *extra, -1).expand(*lead, weights.shape[-1])
+        return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
+                                 indices=indices, weights=weights)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, deltas_or_weights: Sequence[torch.Tensor] | torch.Tensor,
+                    *, rank: Optional[int] = None, are_deltas: bool = False,
+                    bias: Optional[torch.Tensor] = None, decorrelate: bool = False,
+                    **routing) -> "RoutedLinear":
+        """Builds the routed layer from a base nn.Linear and T fine-tuned weights of the
+        same shape (or, with are_deltas=True, T task deltas W_t - W_0).
+
+        rank: per-task rank r, default min(d_out, d_in) // T; bias: the bias to use
+        (default the base layer's); decorrelate: TSV-style orthogonalisation of the stacked
+        factors across tasks; routing: top_k, temperature, threshold, weighting."""
+        W0 = linear.weight.detach()
+        stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(W0.device)
+        if stacked.shape[1:] != W0.shape:
+            raise ValueError(
+                f"deltas_or_weights must each have the shape of linear.weight {tuple(W0.shape)}, "
+                f"got {tuple(stacked.shape[1:])}")
+        deltas = stacked.to(torch.float64) - (0 if are_deltas else W0.to(torch.float64))
+        T, d_out, d_in = deltas.shape
+        r = default_rank(d_out, d_in, T) if rank is None else rank
+        U, S, V = low_rank_factors(deltas, r)
+        if decorrelate:
+            U, V = decorrelate_factors(U, V)
+        dtype = W0.dtype
+        b = linear.bias if bias is None else bias
+        return cls(W0, None if b is None else b.detach(), U.to(dtype), S.to(dtype), V.to(dtype),
+                   **routing)

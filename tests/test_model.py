@@ -1,0 +1,278 @@
+"""Model-level MASS on small models with exactly low-rank task deltas: every expert is
+reproduced when its samples are routed to it; save/load, errors, HF BERT conversion."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import mass_ext
+from mass_ext import MASS, RoutedLinear
+
+T = 3
+D_IN, D_HIDDEN, D_OUT = 24, 32, 8
+
+
+def _orthonormal_rows(rows, cols, g):
+    return torch.linalg.qr(torch.randn(cols, rows, generator=g, dtype=torch.float64)).Q.T
+
+
+def make_experts(seed=0):
+    """A base MLP and T fine-tuned copies whose deltas have rank <= the default rank, the
+    first layer's on disjoint input subspaces (so inputs of task t are separable)."""
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
+    r0 = min(D_HIDDEN, D_IN) // T            # 8: default rank of layer 0
+    r2 = min(D_OUT, D_HIDDEN) // T           # 2: default rank of layer 2
+    basis = _orthonormal_rows(T * r0, D_IN, g)  # disjoint subspaces, one per task
+    experts, subspaces = {}, []
+    for t in range(T):
+        expert = copy.deepcopy(base)
+        B = basis[t * r0:(t + 1) * r0]                         # (r0, D_IN)
+        A = torch.randn(D_HIDDEN, r0, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            expert[0].weight += (A @ B).float()
+            expert[2].weight += (torch.randn(D_OUT, r2, generator=g, dtype=torch.float64)
+                                 @ torch.randn(r2, D_HIDDEN, generator=g, dtype=torch.float64)
+                                 ).float()
+        experts[f"task{t}"] = expert
+        subspaces.append(B.float())
+    return base, experts, subspaces
+
+
+def task_inputs(subspaces, per_task, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs, labels = [], []
+    for t, B in enumerate(subspaces):
+        xs.append(torch.randn(per_task, B.shape[0], generator=g) @ B)
+        labels += [t] * per_task
+    order = torch.randperm(len(labels), generator=g)
+    return torch.cat(xs)[order], torch.tensor(labels)[order]
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return make_experts()
+
+
+def test_two_pass_top1_reproduces_each_expert_on_a_mixed_batch(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x, labels = task_inputs(subspaces, per_task=7)
+    with torch.no_grad():
+        out = mm(x)
+        assert torch.equal(mm.routing.indices[:, 0], labels)
+        for t, name in enumerate(finetuned):
+            rows = labels == t
+            torch.testing.assert_close(out[rows], finetuned[name](x[rows]), atol=2e-5, rtol=2e-5)
+
+
+def test_routed_layers_and_averaged_parameters(experts):
+    base, finetuned, _ = experts
+    finetuned = copy.deepcopy(finetuned)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for expert in finetuned.values():
+            expert[0].bias += 0.1 * torch.randn(D_HIDDEN, generator=g)
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    assert sorted(mm.routed) == ["0", "2"]
+    assert mm.routed["0"].rank == min(D_HIDDEN, D_IN) // T
+    mean_bias = torch.stack([m[0].bias.detach() for m in finetuned.values()]).mean(0)
+    torch.testing.assert_close(mm.model[0].bias.detach(), mean_bias)
+    assert torch.equal(mm.model[2].bias, base[2].bias)  # unchanged by every task
+
+
+def test_base_model_is_never_modified(experts):
+    base, finetuned, subspaces = experts
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    mm(task_inputs(subspaces, 2)[0])
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(isinstance(m, nn.Linear) and not isinstance(m, RoutedLinear)
+               for m in (base[0], base[2]))
+
+
+def test_per_layer_mode_routes_every_layer_on_its_own_rows(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", mode="per_layer",
+                             progress=False)
+    x, labels = task_inputs(subspaces, 5)
+    with torch.no_grad():
+        out = mm(x)
+    indices, _ = mm.routed["0"].last_routing
+    assert torch.equal(indices[:, 0], labels)      # the first layer sees separable inputs
+    assert out.shape == (len(labels), D_OUT) and bool(out.isfinite().all())
+
+
+def test_top2_with_threshold_and_softmax_runs_and_keeps_the_best_task(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, threshold=0.2,
+                             weighting="renormalized", progress=False)
+    x, labels = task_inputs(subspaces, 4)
+    mm(x)
+    assert torch.equal(mm.routing.indices[:, 0], labels)
+    assert mm.routing.indices.shape == (len(labels), 2)
+
+
+def test_tsvm_first_pass_routes_the_same_separable_inputs(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="2", first_pass="tsvm",
+                             progress=False)
+    x, labels = task_inputs(subspaces, 4)
+    routing = mm.route(x)
+    assert routing.indices.shape == (len(labels), 1)
+
+
+def test_save_load_round_trip_is_exact(experts, tmp_path):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, weighting="softmax",
+                             progress=False)
+    path = tmp_path / "bundle.safetensors"
+    mm.save(path)
+    skeleton = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
+    loaded = MASS.load(path, skeleton)
+    x, _ = task_inputs(subspaces, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), mm(x))
+    assert loaded.metadata() == mm.metadata()
+    a, b = mm.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p for p in os.listdir(tmp_path)] == ["bundle.safetensors"]  # no temp file left
+
+
+def test_bundle_size_is_about_twice_the_base(experts, tmp_path):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    mm.save(tmp_path / "b.safetensors")
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    ratio = os.path.getsize(tmp_path / "b.safetensors") / base_bytes
+    assert 1.5 < ratio < 3.0, ratio
+
+
+def test_corrupt_or_mismatched_bundles_raise_clear_errors(experts, tmp_path):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    good = tmp_path / "good.safetensors"
+    mm.save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    skeleton = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="not a readable safetensors bundle"):
+        MASS.load(truncated, skeleton)
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not a mass_ext bundle"):
+        MASS.load(plain, skeleton)
+    other = nn.Sequential(nn.Linear(D_IN, D_HIDDEN + 1), nn.Tanh(), nn.Linear(D_HIDDEN + 1, D_OUT))
+    with pytest.raises(ValueError, match="weight shape"):
+        MASS.load(good, other)
+
+
+def test_failed_save_leaves_the_existing_bundle_untouched(experts, tmp_path, monkeypatch):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    path = tmp_path / "bundle.safetensors"
+    mm.save(path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        mm.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["bundle.safetensors"]
+
+
+def test_bad_finetuned_checkpoints_and_router_layer(experts):
+    base, finetuned, _ = experts
+    bad_keys = dict(finetuned, extra={k: v for k, v in base.state_dict().items() if k != "2.bias"})
+    with pytest.raises(ValueError, match=r"finetuned\['extra'\].*missing \['2.bias'\]"):
+        MASS.from_finetuned(base, bad_keys, router_layer="0", progress=False)
+    wrong = {k: v.clone() for k, v in base.state_dict().items()}
+    wrong["0.weight"] = torch.zeros(D_HIDDEN, D_IN + 1)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' has shape \(32, 25\)"):
+        MASS.from_finetuned(base, dict(finetuned, wrong=wrong), router_layer="0", progress=False)
+    with pytest.raises(ValueError, match=r"Linear layers: \['0', '2'\]"):
+        MASS.from_finetuned(base, finetuned, router_layer="1", progress=False)
+
+
+def test_rank_larger_than_a_layer_allows_is_clamped_with_one_warning(experts):
+    base, finetuned, subspaces = experts
+    with pytest.warns(UserWarning, match=r"rank clamped.*2 \(20 -> 8\)") as record:
+        mm = MASS.from_finetuned(base, finetuned, router_layer="0", rank=20, progress=False)
+    assert len([w for w in record if "rank clamped" in str(w.message)]) == 1
+    assert mm.routed["2"].rank == D_OUT and mm.routed["0"].rank == 20
+
+
+def test_routed_linear_from_linear_reproduces_exact_low_rank_experts():
+    g = torch.Generator().manual_seed(5)
+    linear = nn.Linear(40, 30)
+    weights = [linear.weight.detach() + torch.randn(30, 3, generator=g) @ torch.randn(3, 40, generator=g)
+               for _ in range(4)]
+    layer = RoutedLinear.from_linear(linear, weights, rank=3)
+    x = torch.randn(5, 40, generator=g)
+    for t, w in enumerate(weights):
+        out = mass_ext.routed_linear(x, layer.weight, layer.bias, layer.U, layer.S, layer.V,
+                                     indices=torch.full((5, 1), t), weights=torch.ones(5, 1))
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, linear.bias),
+                                   atol=1e-4, rtol=1e-4)
+    assert torch.allclose(layer.V @ layer.V.transpose(1, 2), torch.eye(3).expand(4, 3, 3), atol=1e-5)
+
+
+def test_pick_head_takes_the_most_confident_selected_head():
+    routing = mass_ext.Routing(torch.tensor([[0, 2], [1, -1]]), torch.ones(2, 2), torch.zeros(2, 3))
+    heads = [torch.tensor([[5.0, 1.0], [9.0, 0.0]]),          # task 0, 2 classes
+             torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]]),  # task 1, 3 classes
+             torch.tensor([[0.0, 7.0], [0.0, 99.0]])]           # task 2
+    task, prediction = mass_ext.pick_head(heads, routing)
+    assert task.tolist() == [2, 1] and prediction.tolist() == [1, 1]
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=48,
+                                     max_position_embeddings=16)
+    torch.manual_seed(0)
+    base = transformers.BertModel(config).eval()
+    g = torch.Generator().manual_seed(1)
+    finetuned = {}
+    for t in range(3):
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        for k, v in state.items():
+            if v.is_floating_point() and k.startswith("encoder."):
+                v += 0.02 * torch.randn(v.shape, generator=g)
+        finetuned[f"task{t}"] = state
+    return base, finetuned
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "per_layer"])
+def test_hf_bert_converts_and_runs(tiny_bert, mode):
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", mode=mode, progress=False).eval()
+    assert len(mm.routed) == 2 * 6                     # q, k, v, o, intermediate, output per layer
+    ids = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        out = mm(input_ids=ids, attention_mask=mask)
+        ref = base(input_ids=ids, attention_mask=mask)
+    assert type(out) is type(ref)
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape
+    assert bool(out.last_hidden_state.isfinite().all())
+    if mode == "two_pass":
+        assert mm.routing.indices.shape == (4, 1)
+
