@@ -22,7 +22,9 @@ def make_experts(seed=0):
     """A base MLP and T fine-tuned copies whose deltas have rank <= the default rank, the
     first layer's on disjoint input subspaces (so inputs of task t are separable)."""
     g = torch.Generator().manual_seed(seed)
-    base = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the same base in every process (the CLI test builds one)
+        base = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
     r0 = min(D_HIDDEN, D_IN) // T            # 8: default rank of layer 0
     r2 = min(D_OUT, D_HIDDEN) // T           # 2: default rank of layer 2
     basis = _orthonormal_rows(T * r0, D_IN, g)  # disjoint subspaces, one per task
@@ -276,3 +278,41 @@ def test_hf_bert_converts_and_runs(tiny_bert, mode):
     if mode == "two_pass":
         assert mm.routing.indices.shape == (4, 1)
 
+
+
+def test_cli_build_and_info(tmp_path):
+    """mass-ext build (factory base + safetensors checkpoints) then mass-ext info."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    base, finetuned, _ = make_experts()
+    args = []
+    for name, expert in finetuned.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, path)
+        args += ["--task", f"{name}={path}"]
+    bundle = tmp_path / "cli.safetensors"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    build = subprocess.run(
+        [sys.executable, "-m", "mass_ext.cli", "build", "--base", "tests.test_model:make_base",
+         *args, "--router-layer", "0", "--top-k", "2", "-o", str(bundle)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert build.returncode == 0, build.stderr
+    info = subprocess.run([sys.executable, "-m", "mass_ext.cli", "info", str(bundle)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "tasks       3: task0, task1, task2" in info.stdout
+    assert "routed      2 Linear layers, rank 2..8" in info.stdout
+    assert "top_k=2" in info.stdout
+    loaded = MASS.load(bundle, make_base())
+    direct = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, progress=False)
+    x = torch.randn(4, D_IN)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), direct(x))
+
+
+def make_base():
+    """Factory for the CLI test: the same base as make_experts()."""
+    return make_experts()[0]
