@@ -178,7 +178,12 @@ class MASS(nn.Module):
         if self.mode == "per_layer":
             self._state.mode = "self"
             return self.model(*args, **kwargs)
-        routing = self.route(*args, **kwargs)
+        return self.run(self.route(*args, **kwargs), *args, **kwargs)
+
+    def run(self, routing: Routing, *args, **kwargs):
+        """Pass 2 only: every routed layer applies `routing` (indices/weights (B, k), one
+        row per sample, e.g. from `route`, or known task ids with weight 1) to all rows of
+        its sample, in one batched pass whatever mix of tasks the batch holds."""
         self._state.mode, self._state.indices, self._state.weights = (
             "prerouted", routing.indices, routing.weights)
         try:

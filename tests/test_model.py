@@ -316,3 +316,17 @@ def test_cli_build_and_info(tmp_path):
 def make_base():
     """Factory for the CLI test: the same base as make_experts()."""
     return make_experts()[0]
+
+
+def test_run_with_known_task_ids_matches_each_expert(experts):
+    """Pass 2 alone with a given routing (e.g. known task ids) on inputs the router
+    would not separate: each row gets its own expert."""
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x = torch.randn(9, D_IN, generator=torch.Generator().manual_seed(7))
+    tasks = torch.arange(9) % T
+    routing = mass_ext.Routing(tasks.unsqueeze(1), torch.ones(9, 1), torch.zeros(9, T))
+    with torch.no_grad():
+        out = mm.run(routing, x)
+        for t, expert in enumerate(finetuned.values()):
+            torch.testing.assert_close(out[tasks == t], expert(x[tasks == t]), atol=2e-5, rtol=2e-5)
