@@ -1,7 +1,7 @@
 // CPU kernels. The dense GEMMs (x W^T + b and, when routing, x V_stacked^T) go to
 // ATen/BLAS; the per-row residuals, standardised softmax, top-k, threshold, weights,
 // the per-task shrink and the expand over the selected tasks are the hand-written
-// loops below, parallel over rows or output columns and vectorised in grouped_dot.h.
+// loops below, parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
 // Extra memory is O(N * T * r) (the projections), never O(N * T * d).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
