@@ -109,7 +109,8 @@ at::Tensor dense_base(
 
 // z = x V_stacked^T: (N, T * r), all projections in one GEMM.
 at::Tensor dense_projections(const at::Tensor& rows_acc, const at::Tensor& V) {
-  return at::mm(rows_acc, V.reshape({-1, V.size(2)}).to(rows_acc.scalar_type()).t());
+  const at::Tensor V_stacked = V.reshape({V.size(0) * V.size(1), V.size(2)});
+  return at::mm(rows_acc, V_stacked.to(rows_acc.scalar_type()).t());
 }
 
 // Routes rows [begin, end): residuals (optional), indices, weights and, when `h` is
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const LayerDims d = check_route_inputs(x, V);
   const Weighting weighting =
       check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
-  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor rows = as_rows(x, d.N, d.d_in).to(at::toOpMathType(x.scalar_type()));
   const at::Tensor z = dense_projections(rows, V);
   at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({d.N, top_k}, rows.options());
@@ -219,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
   const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
   const Weighting weighting =
       check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
-  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor rows = as_rows(x, d.N, d.d_in).to(at::toOpMathType(x.scalar_type()));
   at::Tensor out = dense_base(rows, weight, bias);
   const at::Tensor z = dense_projections(rows, V);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous();
@@ -260,7 +261,7 @@ at::Tensor routed_linear_prerouted_cpu(
         idx_data[s] >= -1 && idx_data[s] < d.T, "indices must hold task ids in [-1, T) = [-1, ",
         d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
   }
-  const at::Tensor rows = as_rows(x, d.d_in);
+  const at::Tensor rows = as_rows(x, d.N, d.d_in);
   at::Tensor out = dense_base(rows.to(acc_type), weight, bias);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
   const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T, top_k);
