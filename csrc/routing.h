@@ -19,11 +19,14 @@ enum class Weighting : int { kUniform = 0, kSoftmax = 1, kRenormalized = 2 };
 constexpr double kStandardizeEps = 1e-6;
 
 // res_t = sqrt(max(||x||^2 - ||z_t||^2, 0)) (V_t has orthonormal rows). A row with a
-// NaN or inf gets NaN residuals, as the explicit ||x - V_t^T z_t|| would.
+// NaN or inf gets NaN residuals, as the explicit ||x - V_t^T z_t|| would; so does a norm
+// that overflowed (the kernels rescale finite rows first, see route_rows, so that only
+// happens for rows whose norm is beyond the largest value of acc_t).
 template <typename acc_t>
 MASS_HOST_DEVICE acc_t residual_from_norms(acc_t x_norm2, acc_t z_norm2) {
   const acc_t diff = x_norm2 - z_norm2;
-  if (std::isnan(diff) || std::isinf(x_norm2)) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (std::isnan(diff) || std::isinf(x_norm2) || std::isinf(z_norm2))
+    return std::numeric_limits<acc_t>::quiet_NaN();
   return std::sqrt(diff > acc_t(0) ? diff : acc_t(0));
 }
 
@@ -48,16 +51,30 @@ MASS_HOST_DEVICE void select_tasks(
   if (T == 1) {
     probs[0] = acc_t(1);
   } else {
+    // The logits are divided by a power of two 2^e near their largest magnitude first
+    // (eps too): exact, so no bit changes, except that the sum and the squares below
+    // can no longer overflow (float32 residuals beyond ~1e19) or underflow.
+    acc_t max_abs = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t a = std::fabs(logits[t]);
+      if (std::isfinite(a) && a > max_abs) max_abs = a;
+    }
+    int e = 0;
+    if (max_abs > acc_t(0)) std::frexp(max_abs, &e);
     acc_t mean = 0;
-    for (int64_t t = 0; t < T; ++t) mean += logits[t];
+    for (int64_t t = 0; t < T; ++t) mean += std::ldexp(logits[t], -e);
     mean /= acc_t(T);
     acc_t var = 0;
-    for (int64_t t = 0; t < T; ++t) var += (logits[t] - mean) * (logits[t] - mean);
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t centred = std::ldexp(logits[t], -e) - mean;
+      var += centred * centred;
+    }
     const acc_t std_unbiased = std::sqrt(var / acc_t(T - 1));
-    const acc_t scale = acc_t(1) / ((std_unbiased + acc_t(kStandardizeEps)) * temperature);
+    const acc_t eps = std::ldexp(acc_t(kStandardizeEps), -e);
+    const acc_t scale = acc_t(1) / ((std_unbiased + eps) * temperature);
     acc_t max_scaled = -std::numeric_limits<acc_t>::infinity();
     for (int64_t t = 0; t < T; ++t) {
-      probs[t] = (logits[t] - mean) * scale;
+      probs[t] = (std::ldexp(logits[t], -e) - mean) * scale;
       max_scaled = probs[t] > max_scaled ? probs[t] : max_scaled;
     }
     acc_t total = 0;
