@@ -52,8 +52,8 @@ MASS_HOST_DEVICE void select_tasks(
     probs[0] = acc_t(1);
   } else {
     // The logits are divided by a power of two 2^e near their largest magnitude first
-    // (eps too): exact, so no bit changes, except that the sum and the squares below
-    // can no longer overflow (float32 residuals beyond ~1e19) or underflow.
+    // (eps too; exact), so that the sum and the squares below cannot overflow (float32
+    // residuals beyond ~1e19) or underflow.
     acc_t max_abs = 0;
     for (int64_t t = 0; t < T; ++t) {
       const acc_t a = std::fabs(logits[t]);
@@ -69,17 +69,21 @@ MASS_HOST_DEVICE void select_tasks(
       const acc_t centred = std::ldexp(logits[t], -e) - mean;
       var += centred * centred;
     }
-    const acc_t std_unbiased = std::sqrt(var / acc_t(T - 1));
-    const acc_t eps = std::ldexp(acc_t(kStandardizeEps), -e);
-    const acc_t scale = acc_t(1) / ((std_unbiased + eps) * temperature);
-    acc_t max_scaled = -std::numeric_limits<acc_t>::infinity();
+    // eps / 2^e is at least the smallest denormal: the divisor is never 0.
+    const acc_t divisor = std::sqrt(var / acc_t(T - 1)) + std::ldexp(acc_t(kStandardizeEps), -e);
+    acc_t max_standardized = -std::numeric_limits<acc_t>::infinity();
     for (int64_t t = 0; t < T; ++t) {
-      probs[t] = (std::ldexp(logits[t], -e) - mean) * scale;
-      max_scaled = probs[t] > max_scaled ? probs[t] : max_scaled;
+      probs[t] = (std::ldexp(logits[t], -e) - mean) / divisor;
+      max_standardized = probs[t] > max_standardized ? probs[t] : max_standardized;
     }
+    // The max is subtracted before the temperature divides: every exponent is then finite
+    // and <= 0 for any temperature > 0 (a tiny one gives the arg-max, not inf - inf). A
+    // temperature that rounded to 0 in acc_t has the same limit as the smallest one.
+    const acc_t temp =
+        temperature > acc_t(0) ? temperature : std::numeric_limits<acc_t>::denorm_min();
     acc_t total = 0;
     for (int64_t t = 0; t < T; ++t) {
-      probs[t] = std::exp(probs[t] - max_scaled);
+      probs[t] = std::exp((probs[t] - max_standardized) / temp);
       total += probs[t];
     }
     for (int64_t t = 0; t < T; ++t) probs[t] /= total;

@@ -44,8 +44,12 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
         scaled = logits / unit
         mean = scaled.mean(dim=-1, keepdim=True)
         std = (((scaled - mean) ** 2).sum(dim=-1, keepdim=True) / (T - 1)).sqrt()  # unbiased
-        probs = torch.softmax((scaled - mean) / (std + STANDARDIZE_EPS / unit) / temperature,
-                              dim=-1)
+        standardized = (scaled - mean) / (std + STANDARDIZE_EPS / unit)
+        # Shifted to max 0 before the temperature divides: finite for any temperature > 0;
+        # one below the smallest positive float of the dtype acts as that one (arg-max).
+        standardized = standardized - standardized.amax(dim=-1, keepdim=True)
+        smallest = torch.finfo(logits.dtype).tiny * torch.finfo(logits.dtype).eps
+        probs = torch.softmax(standardized / max(temperature, smallest), dim=-1)
     # A stable descending sort keeps the lower task index first among ties.
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
     selected_probs = probs.gather(-1, order)
