@@ -61,7 +61,8 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
     else:
         weights = torch.where(keep, selected_probs, 0.0)
         if weighting == "renormalized":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # Dropped slots stay 0 even when the sum is NaN (a non-finite row).
+            weights = torch.where(keep, weights / weights.sum(dim=-1, keepdim=True), 0.0)
     return indices, weights
 
 
