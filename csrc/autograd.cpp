@@ -3,6 +3,7 @@
 // gradients flow to x, weight, bias, U, S, V (and the given weights in the pre-routed
 // form) through the selected tasks only. `route` is not differentiable.
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -26,15 +27,17 @@ variable_list expert_backward(
                    &V = saved[4], &indices = saved[5], &weights = saved[6];
   const auto acc = acc_type(x);
   const int64_t d_in = x.size(-1), d_out = weight.size(0), T = V.size(0), k = indices.size(-1);
-  const at::Tensor g = grad_out.reshape({-1, d_out}).to(acc);
-  const at::Tensor rows = x.reshape({-1, d_in}).to(acc);
+  // Explicit N: reshape({-1, 0}) of an empty tensor is ambiguous and throws (d_in or d_out 0).
+  const int64_t N = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  const at::Tensor g = grad_out.reshape({N, d_out}).to(acc);
+  const at::Tensor rows = x.reshape({N, d_in}).to(acc);
   const at::Tensor U_acc = U.to(acc), S_acc = S.to(acc), V_acc = V.to(acc);
-  const at::Tensor flat_indices = indices.reshape({-1, k});
+  const at::Tensor flat_indices = indices.reshape({N, k});
   const at::Tensor kept = flat_indices.ge(0);
   const at::Tensor coefficients =
       at::zeros({rows.size(0), T}, rows.options())
           .scatter_add_(1, flat_indices.clamp_min(0),
-                        at::where(kept, weights.reshape({-1, k}).to(acc), 0.0))
+                        at::where(kept, weights.reshape({N, k}).to(acc), 0.0))
           .unsqueeze(-1);                                  // (N, T, 1)
   const at::Tensor z = at::einsum("ni,tri->ntr", {rows, V_acc});   // V_t x
   const at::Tensor a = at::einsum("no,tor->ntr", {g, U_acc});      // U_t^T g

@@ -143,8 +143,9 @@ void check_prerouted_inputs(
       shape_str(indices.sizes()), ", got ", shape_str(weights.sizes()));
 }
 
-at::Tensor as_rows(const at::Tensor& x, int64_t d_in) {
-  at::Tensor rows = x.reshape({-1, d_in});
+at::Tensor as_rows(const at::Tensor& x, int64_t N, int64_t d_in) {
+  // Explicit N: reshape({-1, 0}) of an empty tensor is ambiguous and throws (d_in = 0).
+  at::Tensor rows = x.reshape({N, d_in});
   // Kernels walk rows with a row stride but need contiguous elements inside a row.
   if (rows.size(0) > 0 && d_in > 1 && rows.stride(1) != 1) rows = rows.contiguous();
   return rows;

@@ -39,7 +39,7 @@ void check_prerouted_inputs(
     const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights);
 
 // x viewed as (N, d_in) rows with a unit inner stride (copies only if it must).
-at::Tensor as_rows(const at::Tensor& x, int64_t d_in);
+at::Tensor as_rows(const at::Tensor& x, int64_t N, int64_t d_in);
 
 // The leading shape of x with `last` appended: the shape of an output.
 std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t last);

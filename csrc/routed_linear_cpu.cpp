@@ -11,8 +11,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -109,7 +111,30 @@ at::Tensor dense_base(
 
 // z = x V_stacked^T: (N, T * r), all projections in one GEMM.
 at::Tensor dense_projections(const at::Tensor& rows_acc, const at::Tensor& V) {
-  return at::mm(rows_acc, V.reshape({-1, V.size(2)}).to(rows_acc.scalar_type()).t());
+  const at::Tensor V_stacked = V.reshape({V.size(0) * V.size(1), V.size(2)});
+  return at::mm(rows_acc, V_stacked.to(rows_acc.scalar_type()).t());
+}
+
+// Below this ||x||^2 some squares of the row may have lost bits to underflow (float32:
+// ||x|| < ~1e-12); above the largest acc_t they overflowed (float32: ||x|| > ~1.8e19).
+template <typename acc_t>
+constexpr acc_t kNorm2SafeMin = std::numeric_limits<acc_t>::min() /
+                                (std::numeric_limits<acc_t>::epsilon() *
+                                 std::numeric_limits<acc_t>::epsilon());
+
+// e such that the largest |x_i| of a finite, nonzero row is in [2^(e-1), 2^e); 0 for a
+// zero row or a row holding a NaN or inf (their residuals are already right).
+template <typename acc_t>
+int row_exponent(const acc_t* row, int64_t d_in) {
+  acc_t max_abs = 0;
+  for (int64_t i = 0; i < d_in; ++i) {
+    const acc_t a = std::fabs(row[i]);
+    if (!std::isfinite(a)) return 0;
+    max_abs = a > max_abs ? a : max_abs;
+  }
+  int e = 0;
+  if (max_abs > acc_t(0)) std::frexp(max_abs, &e);
+  return e;
 }
 
 // Routes rows [begin, end): residuals (optional), indices, weights and, when `h` is
@@ -127,13 +152,33 @@ void route_rows(
     acc_t* __restrict__ h) {        // [N * top_k, r] or nullptr
   std::vector<acc_t> x_norm2(end - begin);
   row_norms2<acc_t>(rows, row_stride, d.d_in, begin, end, x_norm2.data());
-  std::vector<acc_t> logits(d.T), probs(d.T);
+  std::vector<acc_t> logits(d.T), probs(d.T), scaled_row;
   for (int64_t n = begin; n < end; ++n) {
     const acc_t* z_row = z + n * d.T * d.r;
+    // A row whose squares overflow or underflow is redone on x and z divided by a power
+    // of two 2^e near its largest entry: exact, and the squares are then in range, so
+    // every finite row whose norm acc_t can hold gets its true residuals.
+    acc_t row_norm2 = x_norm2[n - begin];
+    int e = 0;
+    if (!(row_norm2 >= kNorm2SafeMin<acc_t> && row_norm2 <= std::numeric_limits<acc_t>::max()))
+      e = row_exponent(rows + n * row_stride, d.d_in);
+    if (e != 0) {
+      scaled_row.resize(d.d_in);
+      for (int64_t i = 0; i < d.d_in; ++i) scaled_row[i] = std::ldexp(rows[n * row_stride + i], -e);
+      row_norms2<acc_t>(scaled_row.data(), d.d_in, d.d_in, 0, 1, &row_norm2);
+    }
     for (int64_t t = 0; t < d.T; ++t) {
       acc_t z_norm2 = 0;
-      for (int64_t q = 0; q < d.r; ++q) z_norm2 += z_row[t * d.r + q] * z_row[t * d.r + q];
-      const acc_t res = residual_from_norms(x_norm2[n - begin], z_norm2);
+      if (e == 0) {
+        for (int64_t q = 0; q < d.r; ++q) z_norm2 += z_row[t * d.r + q] * z_row[t * d.r + q];
+      } else {
+        for (int64_t q = 0; q < d.r; ++q) {
+          const acc_t zq = std::ldexp(z_row[t * d.r + q], -e);
+          z_norm2 += zq * zq;
+        }
+      }
+      acc_t res = residual_from_norms(row_norm2, z_norm2);
+      if (e != 0) res = std::ldexp(res, e);
       if (residuals) residuals[n * d.T + t] = res;
       logits[t] = logit_from_residual(res);
     }
@@ -194,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const LayerDims d = check_route_inputs(x, V);
   const Weighting weighting =
       check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
-  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor rows = as_rows(x, d.N, d.d_in).to(at::toOpMathType(x.scalar_type()));
   const at::Tensor z = dense_projections(rows, V);
   at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({d.N, top_k}, rows.options());
@@ -219,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
   const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
   const Weighting weighting =
       check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
-  const at::Tensor rows = as_rows(x, d.d_in).to(at::toOpMathType(x.scalar_type()));
+  const at::Tensor rows = as_rows(x, d.N, d.d_in).to(at::toOpMathType(x.scalar_type()));
   at::Tensor out = dense_base(rows, weight, bias);
   const at::Tensor z = dense_projections(rows, V);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous();
@@ -260,7 +305,7 @@ at::Tensor routed_linear_prerouted_cpu(
         idx_data[s] >= -1 && idx_data[s] < d.T, "indices must hold task ids in [-1, T) = [-1, ",
         d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
   }
-  const at::Tensor rows = as_rows(x, d.d_in);
+  const at::Tensor rows = as_rows(x, d.N, d.d_in);
   at::Tensor out = dense_base(rows.to(acc_type), weight, bias);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
   const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T, top_k);

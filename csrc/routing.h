@@ -19,11 +19,14 @@ enum class Weighting : int { kUniform = 0, kSoftmax = 1, kRenormalized = 2 };
 constexpr double kStandardizeEps = 1e-6;
 
 // res_t = sqrt(max(||x||^2 - ||z_t||^2, 0)) (V_t has orthonormal rows). A row with a
-// NaN or inf gets NaN residuals, as the explicit ||x - V_t^T z_t|| would.
+// NaN or inf gets NaN residuals, as the explicit ||x - V_t^T z_t|| would; so does a norm
+// that overflowed (the kernels rescale finite rows first, see route_rows, so that only
+// happens for rows whose norm is beyond the largest value of acc_t).
 template <typename acc_t>
 MASS_HOST_DEVICE acc_t residual_from_norms(acc_t x_norm2, acc_t z_norm2) {
   const acc_t diff = x_norm2 - z_norm2;
-  if (std::isnan(diff) || std::isinf(x_norm2)) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (std::isnan(diff) || std::isinf(x_norm2) || std::isinf(z_norm2))
+    return std::numeric_limits<acc_t>::quiet_NaN();
   return std::sqrt(diff > acc_t(0) ? diff : acc_t(0));
 }
 
@@ -48,21 +51,39 @@ MASS_HOST_DEVICE void select_tasks(
   if (T == 1) {
     probs[0] = acc_t(1);
   } else {
+    // The logits are divided by a power of two 2^e near their largest magnitude first
+    // (eps too; exact), so that the sum and the squares below cannot overflow (float32
+    // residuals beyond ~1e19) or underflow.
+    acc_t max_abs = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t a = std::fabs(logits[t]);
+      if (std::isfinite(a) && a > max_abs) max_abs = a;
+    }
+    int e = 0;
+    if (max_abs > acc_t(0)) std::frexp(max_abs, &e);
     acc_t mean = 0;
-    for (int64_t t = 0; t < T; ++t) mean += logits[t];
+    for (int64_t t = 0; t < T; ++t) mean += std::ldexp(logits[t], -e);
     mean /= acc_t(T);
     acc_t var = 0;
-    for (int64_t t = 0; t < T; ++t) var += (logits[t] - mean) * (logits[t] - mean);
-    const acc_t std_unbiased = std::sqrt(var / acc_t(T - 1));
-    const acc_t scale = acc_t(1) / ((std_unbiased + acc_t(kStandardizeEps)) * temperature);
-    acc_t max_scaled = -std::numeric_limits<acc_t>::infinity();
     for (int64_t t = 0; t < T; ++t) {
-      probs[t] = (logits[t] - mean) * scale;
-      max_scaled = probs[t] > max_scaled ? probs[t] : max_scaled;
+      const acc_t centred = std::ldexp(logits[t], -e) - mean;
+      var += centred * centred;
     }
+    // eps / 2^e is at least the smallest denormal: the divisor is never 0.
+    const acc_t divisor = std::sqrt(var / acc_t(T - 1)) + std::ldexp(acc_t(kStandardizeEps), -e);
+    acc_t max_standardized = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t t = 0; t < T; ++t) {
+      probs[t] = (std::ldexp(logits[t], -e) - mean) / divisor;
+      max_standardized = probs[t] > max_standardized ? probs[t] : max_standardized;
+    }
+    // The max is subtracted before the temperature divides: every exponent is then finite
+    // and <= 0 for any temperature > 0 (a tiny one gives the arg-max, not inf - inf). A
+    // temperature that rounded to 0 in acc_t has the same limit as the smallest one.
+    const acc_t temp =
+        temperature > acc_t(0) ? temperature : std::numeric_limits<acc_t>::denorm_min();
     acc_t total = 0;
     for (int64_t t = 0; t < T; ++t) {
-      probs[t] = std::exp(probs[t] - max_scaled);
+      probs[t] = std::exp((probs[t] - max_standardized) / temp);
       total += probs[t];
     }
     for (int64_t t = 0; t < T; ++t) probs[t] /= total;

@@ -16,6 +16,18 @@ from .routing import Routing
 STANDARDIZE_EPS = 1e-6
 
 
+def power_of_two_scale(magnitude):
+    """The power of two 2^m with magnitude in [2^m, 2^(m+1)), elementwise (always
+    representable); 1 where magnitude is 0, inf or NaN.
+
+    Dividing by it is exact, so it changes no bit of a computation that neither overflows
+    nor underflows, and it keeps sums of squares of values up to `magnitude` in range.
+    """
+    mantissa, _ = torch.frexp(magnitude)  # magnitude = mantissa * 2^(m+1), mantissa in [0.5, 1)
+    usable = (magnitude > 0) & magnitude.isfinite()
+    return torch.where(usable, magnitude / torch.where(usable, 2 * mantissa, 1.0), 1.0)
+
+
 def select_tasks(residuals, top_k, temperature, threshold, weighting):
     """Routing decision from residuals (..., T) -> (indices (..., k), weights (..., k))."""
     logits = -residuals
@@ -25,9 +37,19 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
     if T == 1:
         probs = torch.ones_like(logits)
     else:
-        mean = logits.mean(dim=-1, keepdim=True)
-        std = (((logits - mean) ** 2).sum(dim=-1, keepdim=True) / (T - 1)).sqrt()  # unbiased
-        probs = torch.softmax((logits - mean) / (std + STANDARDIZE_EPS) / temperature, dim=-1)
+        # Standardised in units of a power of two near the largest finite |logit| (exact),
+        # so that the mean and the squares cannot overflow (float32 residuals > ~1e19).
+        unit = power_of_two_scale(
+            torch.where(logits.isfinite(), logits.abs(), 0.0).amax(dim=-1, keepdim=True))
+        scaled = logits / unit
+        mean = scaled.mean(dim=-1, keepdim=True)
+        std = (((scaled - mean) ** 2).sum(dim=-1, keepdim=True) / (T - 1)).sqrt()  # unbiased
+        standardized = (scaled - mean) / (std + STANDARDIZE_EPS / unit)
+        # Shifted to max 0 before the temperature divides: finite for any temperature > 0;
+        # one below the smallest positive float of the dtype acts as that one (arg-max).
+        standardized = standardized - standardized.amax(dim=-1, keepdim=True)
+        smallest = torch.finfo(logits.dtype).tiny * torch.finfo(logits.dtype).eps
+        probs = torch.softmax(standardized / max(temperature, smallest), dim=-1)
     # A stable descending sort keeps the lower task index first among ties.
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
     selected_probs = probs.gather(-1, order)
@@ -39,7 +61,8 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
     else:
         weights = torch.where(keep, selected_probs, 0.0)
         if weighting == "renormalized":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # Dropped slots stay 0 even when the sum is NaN (a non-finite row).
+            weights = torch.where(keep, weights / weights.sum(dim=-1, keepdim=True), 0.0)
     return indices, weights
 
 
@@ -49,9 +72,15 @@ def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform")
     check.check_routing_options(top_k, T, temperature, threshold, weighting)
     acc = check.acc_dtype(x.dtype)
     x_acc, V_acc = x.to(acc), V.to(acc)
+    # Each row in units of a power of two near its largest |x_i| (exact): the squares in
+    # the norm then neither overflow (float32 rows beyond ~1e19) nor underflow (< ~1e-19).
+    row_max = (x_acc.abs().amax(dim=-1, keepdim=True) if x.shape[-1]
+               else x_acc.new_zeros((*x.shape[:-1], 1)))
+    unit = power_of_two_scale(row_max)
+    x_acc = x_acc / unit
     projections = torch.einsum("...i,tri->...tr", x_acc, V_acc)
     reconstructions = torch.einsum("...tr,tri->...ti", projections, V_acc)
-    residuals = torch.linalg.vector_norm(x_acc.unsqueeze(-2) - reconstructions, dim=-1)
+    residuals = torch.linalg.vector_norm(x_acc.unsqueeze(-2) - reconstructions, dim=-1) * unit
     indices, weights = select_tasks(residuals, top_k, temperature, threshold, weighting)
     return Routing(indices, weights, residuals)
 

@@ -310,7 +310,8 @@ def check_routing_invariants(indices, weights, T, top_k, weighting):
     if weighting == "uniform":
         assert bool((w[kept] == 1).all()), "uniform weights are 1"
     else:
-        assert bool((w[kept] > 0).all() and (w[kept] <= 1 + 1e-6).all())
+        # >= 0: p underflows to 0 for a sharp enough softmax, and a threshold < 0 keeps it.
+        assert bool((w[kept] >= 0).all() and (w[kept] <= 1 + 1e-6).all())
     if weighting == "renormalized":
         torch.testing.assert_close(w.sum(-1).double(), torch.ones(w.shape[0], dtype=torch.float64),
                                    atol=1e-5, rtol=0)
@@ -391,7 +392,8 @@ def assert_same_routing(got, ref, ref_residuals, probs_tol, *, res2_tol, tempera
         for j in range(min(kept_k, kept_r), max(kept_k, kept_r)):
             t = int(gi[n, j]) if kept_k > kept_r else int(ri[n, j])
             p = float(probs[n, t])
-            allowed = probs_tol + p * math.expm1(float(log_err[n]))
+            # Capped: a bound past e^700 (tiny temperatures) allows anything anyway.
+            allowed = probs_tol + p * math.expm1(min(float(log_err[n]), 700.0))
             assert abs(p - threshold) <= allowed, (
                 f"{row}: slot {j} kept by one side only; p[{t}] = {p:.6g} is not within "
                 f"{allowed:.3g} of the threshold {threshold}"

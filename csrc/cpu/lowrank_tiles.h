@@ -52,7 +52,9 @@ inline Simd<float>::vec load_vec<float, c10::BFloat16>(const c10::BFloat16* p) {
   using u16x8 = uint16_t __attribute__((vector_size(16), aligned(2), may_alias));
   using u32x8 = uint32_t __attribute__((vector_size(32)));
   const u32x8 bits = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
-  return reinterpret_cast<const Simd<float>::vec&>(bits);
+  // A bit cast, not a reinterpret_cast of a reference: reading a uint32 vector through a
+  // float vector lvalue breaks strict aliasing (GCC: "'bits' is used uninitialized").
+  return __builtin_bit_cast(Simd<float>::vec, bits);
 }
 
 // Sums of the lanes of 4 vectors: {sum(v0), sum(v1), sum(v2), sum(v3)}, in a fixed
