@@ -3,6 +3,8 @@ and a CUDA build of torch are present and csrc/cuda/ holds sources.
 
 MASS_EXT_FORCE_CPU=1 forces the CPU-only build (never needs nvcc).
 MASS_EXT_DEBUG=1 builds with -O0 -g.
+MASS_EXT_SANITIZE=1 builds the C++ code with AddressSanitizer and UndefinedBehaviorSanitizer
+(-O1 -g); scripts/sanitize.sh builds it so, in a copy of the tree, and runs the tests.
 """
 import glob
 import os
@@ -25,6 +27,14 @@ def extension():
     # The loader then shares torch's own libgomp (same soname), so there is one pool.
     cxx_flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link_flags = ["-fopenmp"]
+    if _flag("MASS_EXT_SANITIZE"):
+        # vptr is left out: it needs the RTTI of torch's own classes, which torch's
+        # (uninstrumented) libraries do not export to it, and reports false positives.
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize=vptr"]
+        # -fno-wrapv: Python's CFLAGS carry -fwrapv, which defines signed overflow and so
+        # turns off UBSan's check of it (an index product overflowing int64 is a bug).
+        cxx_flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv"] + sanitizers
+        link_flags += sanitizers
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = (
