@@ -54,7 +54,9 @@ class MASS(nn.Module):
     """A base model whose Linear layers carry T routed low-rank task updates.
 
     Call it like the base model: same arguments, same outputs. `routing` holds the
-    per-sample decision of the last call (two-pass mode), `task_names` the tasks.
+    per-sample decision of the last call (two-pass mode; with several threads, of the
+    last call in any thread: use `route` + `run` to keep each thread's), `task_names`
+    the tasks. Threads may call one model at once: the routing state is per thread.
     Build with `MASS.from_finetuned`, store with `save`, restore with `MASS.load`.
     """
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import WEIGHTINGS
+from ._validation import WEIGHTINGS, check_layer_inputs
 
 
 def default_rank(d_out: int, d_in: int, num_tasks: int) -> int:
@@ -77,6 +77,8 @@ class RoutedLinear(nn.Module):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        # The op's own shape/dtype checks, on an empty input of the right width.
+        check_layer_inputs(weight.new_empty(0, weight.shape[-1]), weight, bias, U, S, V)
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         # (T, r, d_out) storage; .U is its transposed view (T, d_out, r).

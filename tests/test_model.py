@@ -330,3 +330,42 @@ def test_run_with_known_task_ids_matches_each_expert(experts):
         out = mm.run(routing, x)
         for t, expert in enumerate(finetuned.values()):
             torch.testing.assert_close(out[tasks == t], expert(x[tasks == t]), atol=2e-5, rtol=2e-5)
+
+
+def test_bundle_with_wrong_version_or_tensor_shapes_is_rejected(experts, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    good = tmp_path / "good.safetensors"
+    mm.save(good)
+    with safe_open(good, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["mass_ext"])
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, newer, metadata={"mass_ext": json.dumps(dict(meta, format_version=99))})
+    with pytest.raises(ValueError, match="format version 99"):
+        MASS.load(newer, copy.deepcopy(base))
+    bad_shape = tmp_path / "bad_shape.safetensors"
+    broken = dict(tensors, **{"0.S": tensors["0.S"][:, :-1].contiguous()})
+    save_file(broken, bad_shape, metadata={"mass_ext": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"S must have shape \(T, r\) = \(3, 8\), got \(3, 7\)"):
+        MASS.load(bad_shape, copy.deepcopy(base))
+
+
+def test_threads_calling_one_model_get_their_own_routing(experts):
+    """Two-pass routing state is per thread: concurrent calls with different inputs match
+    sequential calls bitwise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    batches = [task_inputs(subspaces, 3, seed=s)[0][: 2 + s % 5] for s in range(16)]
+    with torch.no_grad():
+        expected = [mm(x) for x in batches]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            got = list(pool.map(lambda x: mm(x), batches))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
