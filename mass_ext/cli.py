@@ -68,7 +68,8 @@ def build(args) -> None:
             raise SystemExit(f"--task must be NAME=CHECKPOINT, got {item!r}")
         finetuned[name] = _strip_prefix(load_file(load_checkpoint(spec)), keys)
     mm = MASS.from_finetuned(
-        base, finetuned, rank=args.rank, router_layer=args.router_layer, pooling=args.pooling,
+        base, finetuned, rank=args.rank, router_layer=(args.router_layer[0] if len(args.router_layer) == 1 else args.router_layer),
+        pooling=args.pooling,
         top_k=args.top_k, temperature=args.temperature, threshold=args.threshold,
         weighting=args.weighting, mode=args.mode, first_pass=args.first_pass,
         decorrelate=args.decorrelate, progress=True)
@@ -125,7 +126,9 @@ def main(argv=None) -> None:
     b = sub.add_parser("build", help="base + fine-tuned checkpoints -> one bundle")
     b.add_argument("--base", required=True, help="model folder or package.module:function")
     b.add_argument("--task", action="append", required=True, metavar="NAME=CHECKPOINT")
-    b.add_argument("--router-layer", required=True, help="name of the Linear whose input routes")
+    b.add_argument("--router-layer", required=True, action="append",
+                   help="name of the Linear whose input routes; repeat it to route on "
+                        "several layers together")
     b.add_argument("--rank", type=int, default=None)
     b.add_argument("--pooling", default="cls", choices=["cls", "mean"])
     b.add_argument("--top-k", type=int, default=1)

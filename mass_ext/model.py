@@ -3,6 +3,7 @@ each sample (two-pass, as in the paper, or every layer on its own rows), pick he
 store everything in one safetensors bundle."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -23,6 +24,7 @@ POOLINGS = ("cls", "mean")
 MODES = ("two_pass", "per_layer")
 
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+RouterLayers = Union[str, Sequence[str]]
 
 
 def _state_dict(checkpoint: Checkpoint, name: str) -> dict:
@@ -54,13 +56,19 @@ class MASS(nn.Module):
     """A base model whose Linear layers carry T routed low-rank task updates.
 
     Call it like the base model: same arguments, same outputs. `routing` holds the
-    per-sample decision of the last call (two-pass mode; with several threads, of the
-    last call in any thread: use `route` + `run` to keep each thread's), `task_names`
+    per-sample decision of the last call (with several threads, of the last call in any
+    thread: use `route` + `run` to keep each thread's); in per-layer mode it is the
+    decision the router layer's pooled input would take, for picking heads. `task_names`
     the tasks. Threads may call one model at once: the routing state is per thread.
     Build with `MASS.from_finetuned`, store with `save`, restore with `MASS.load`.
+
+    router_layer names one routed Linear, or several: their pooled inputs are then
+    scaled to unit norm and routed together (residual fractions summed over the layers),
+    which identifies tasks more reliably than any single layer.
     """
 
-    def __init__(self, model: nn.Module, task_names: Sequence[str], *, router_layer: str,
+    def __init__(self, model: nn.Module, task_names: Sequence[str], *,
+                 router_layer: RouterLayers,
                  pooling: Union[str, Callable] = "cls", top_k: int = 1,
                  temperature: float = 1.0, threshold: float = 0.0,
                  weighting: str = "uniform", mode: str = "two_pass",
@@ -75,10 +83,12 @@ class MASS(nn.Module):
         self.model = model
         self.task_names = list(task_names)
         self.routed = {name: m for name, m in model.named_modules() if isinstance(m, RoutedLinear)}
-        if router_layer not in self.routed:
-            raise ValueError(
-                f"router_layer must name a routed Linear layer; {router_layer!r} is not one. "
-                f"Routed layers: {sorted(self.routed)}")
+        self.router_layers = _router_layer_list(router_layer)
+        for name in self.router_layers:
+            if name not in self.routed:
+                raise ValueError(
+                    f"router_layer must name routed Linear layers; {name!r} is not one. "
+                    f"Routed layers: {sorted(self.routed)}")
         self.router_layer, self.pooling, self.mode = router_layer, pooling, mode
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
         self.top_k, self.temperature, self.threshold, self.weighting = (
@@ -93,7 +103,7 @@ class MASS(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_finetuned(cls, base: nn.Module, finetuned: Mapping[str, Checkpoint], *,
-                       rank: Optional[int] = None, router_layer: str,
+                       rank: Optional[int] = None, router_layer: RouterLayers,
                        pooling: Union[str, Callable] = "cls", top_k: int = 1,
                        temperature: float = 1.0, threshold: float = 0.0,
                        weighting: str = "uniform", mode: str = "two_pass",
@@ -137,12 +147,13 @@ class MASS(nn.Module):
             if unknown:
                 raise ValueError(f"target names layers that are not nn.Linear: {unknown}; "
                                  f"Linear layers: {linears}")
-        if router_layer not in linears:
-            raise ValueError(f"router_layer {router_layer!r} is not an nn.Linear of the base "
-                             f"model; Linear layers: {linears}")
-        if router_layer not in target:
-            raise ValueError(f"router_layer {router_layer!r} is not routed (no task changes it, "
-                             f"or it is not in target); routed layers: {list(target)}")
+        for name in _router_layer_list(router_layer):
+            if name not in linears:
+                raise ValueError(f"router_layer {name!r} is not an nn.Linear of the base "
+                                 f"model; Linear layers: {linears}")
+            if name not in target:
+                raise ValueError(f"router_layer {name!r} is not routed (no task changes it, "
+                                 f"or it is not in target); routed layers: {list(target)}")
 
         model = copy.deepcopy(base)
         T = len(names)
@@ -179,7 +190,10 @@ class MASS(nn.Module):
     def forward(self, *args, **kwargs):
         if self.mode == "per_layer":
             self._state.mode = "self"
-            return self.model(*args, **kwargs)
+            with self._capture_router_inputs(early_exit=False) as captured:
+                out = self.model(*args, **kwargs)
+            self.routing = self._route_captured(captured, kwargs)
+            return out
         return self.run(self.route(*args, **kwargs), *args, **kwargs)
 
     def run(self, routing: Routing, *args, **kwargs):
@@ -196,30 +210,69 @@ class MASS(nn.Module):
     def route(self, *args, **kwargs) -> Routing:
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
+        with self._capture_router_inputs(early_exit=True) as captured:
+            self._first_pass_state(args, kwargs)
+            try:
+                self.model(*args, **kwargs)
+            except _EarlyExit:
+                pass
+            finally:
+                self._state.mode, self._state.indices, self._state.weights = "self", None, None
+        self.routing = self._route_captured(captured, kwargs)
+        return self.routing
+
+    @contextlib.contextmanager
+    def _capture_router_inputs(self, early_exit: bool):
+        """Records the input of every router layer; with early_exit, stops the forward pass
+        (raises _EarlyExit) once all of them are known."""
         captured = {}
 
-        def capture(_module, inputs):
-            captured["x"] = inputs[0]
-            raise _EarlyExit
+        def hook_for(name):
+            def capture(_module, inputs):
+                captured[name] = inputs[0]
+                if early_exit and len(captured) == len(self.router_layers):
+                    raise _EarlyExit
+            return capture
 
-        router = self.routed[self.router_layer]
-        hook = router.register_forward_pre_hook(capture)
-        self._first_pass_state(args, kwargs)
+        hooks = [self.routed[name].register_forward_pre_hook(hook_for(name))
+                 for name in self.router_layers]
         try:
-            self.model(*args, **kwargs)
-        except _EarlyExit:
-            pass
+            yield captured
         finally:
-            hook.remove()
-            self._state.mode, self._state.indices, self._state.weights = "self", None, None
-        if "x" not in captured:
-            raise RuntimeError(f"the router layer {self.router_layer!r} was not reached by "
-                               "the forward pass")
-        pooled = self._pool(captured["x"], kwargs)
-        routing = ops.route(pooled, router.V, self.top_k, temperature=self.temperature,
-                            threshold=self.threshold, weighting=self.weighting)
-        self.routing = routing
-        return routing
+            for hook in hooks:
+                hook.remove()
+
+    def _route_captured(self, captured: dict, kwargs) -> Routing:
+        missing = [name for name in self.router_layers if name not in captured]
+        if missing:
+            raise RuntimeError(f"the router layer(s) {missing} were not reached by the "
+                               "forward pass")
+        pooled = [self._pool(captured[name], kwargs) for name in self.router_layers]
+        if len(pooled) == 1:
+            x, V = pooled[0], self.routed[self.router_layers[0]].V
+        else:
+            # Unit-norm features side by side against block-diagonal bases: the residual
+            # is then sqrt(sum over layers of each layer's residual fraction).
+            x = torch.cat([p / p.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+                           for p in pooled], dim=-1)
+            V = self._stacked_router_bases()
+        return ops.route(x, V, self.top_k, temperature=self.temperature,
+                         threshold=self.threshold, weighting=self.weighting)
+
+    def _stacked_router_bases(self) -> torch.Tensor:
+        """(T, sum r, sum d_in) block-diagonal V of the router layers, rebuilt only when a
+        layer's V changes."""
+        Vs = [self.routed[name].V for name in self.router_layers]
+        key = tuple((id(V), V._version) for V in Vs)
+        if getattr(self, "_router_bases_key", None) != key:
+            T = Vs[0].shape[0]
+            stacked = Vs[0].new_zeros(T, sum(V.shape[1] for V in Vs), sum(V.shape[2] for V in Vs))
+            row = col = 0
+            for V in Vs:
+                stacked[:, row:row + V.shape[1], col:col + V.shape[2]] = V
+                row, col = row + V.shape[1], col + V.shape[2]
+            self._router_bases, self._router_bases_key = stacked, key
+        return self._router_bases
 
     def _first_pass_state(self, args, kwargs) -> None:
         if self.first_pass == "pretrained":
@@ -332,6 +385,14 @@ class MASS(nn.Module):
                 raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
             router["pooling"] = pooling
         return cls(model, meta["task_names"], **router)
+
+
+def _router_layer_list(router_layer: RouterLayers) -> list:
+    names = [router_layer] if isinstance(router_layer, str) else list(router_layer)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"router_layer must be a layer name or a non-empty list of names, "
+                         f"got {router_layer!r}")
+    return names
 
 
 def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):

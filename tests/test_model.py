@@ -108,6 +108,42 @@ def test_per_layer_mode_routes_every_layer_on_its_own_rows(experts):
     assert out.shape == (len(labels), D_OUT) and bool(out.isfinite().all())
 
 
+def test_per_layer_mode_reports_the_router_layers_decision(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", mode="per_layer",
+                             progress=False)
+    x, labels = task_inputs(subspaces, 5)
+    with torch.no_grad():
+        mm(x)
+    assert torch.equal(mm.routing.indices[:, 0], labels)
+
+
+def _residual_fraction(x, V):
+    """Explicit ||x - V^T V x||^2 / ||x||^2 per task: (N, T)."""
+    projected = torch.einsum("trd,nd->ntr", V.double(), x.double())
+    rebuilt = torch.einsum("trd,ntr->ntd", V.double(), projected)
+    return ((x.double()[:, None] - rebuilt) ** 2).sum(-1) / (x.double() ** 2).sum(-1, keepdim=True)
+
+
+def test_several_router_layers_sum_their_residual_fractions(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer=["0", "2"], top_k=T,
+                             progress=False)
+    x, labels = task_inputs(subspaces, 6)
+    seen = []
+    with torch.no_grad():
+        routing = mm.route(x)
+        hidden = torch.tanh(base[0](x))
+        total = (_residual_fraction(x, mm.routed["0"].V)
+                 + _residual_fraction(hidden, mm.routed["2"].V))
+        mm.model[2].register_forward_hook(lambda *_: seen.append(1))
+        mm.route(x)  # pass 1 stops at the last router layer's input: layer 2 never runs
+    assert not seen
+    assert torch.equal(routing.indices, total.argsort(dim=-1, stable=True))
+    torch.testing.assert_close(routing.residuals.double() ** 2, total, atol=1e-5, rtol=1e-5)
+    assert torch.equal(routing.indices[:, 0], labels)  # layer 0's subspaces are disjoint
+
+
 def test_top2_with_threshold_and_softmax_runs_and_keeps_the_best_task(experts):
     base, finetuned, subspaces = experts
     mm = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, threshold=0.2,
