@@ -1,7 +1,7 @@
 """mass_ext: MASS (MoErging through Adaptive Subspace Selection) as one fused op.
 
 Public API: routed_linear, route, Routing, reference, backend (the op);
-RoutedLinear, MASS, pick_head (the model level).
+RoutedLinear, MASS, pick_head, route_features, stack_router_bases (the model level).
 """
 import logging
 
@@ -16,11 +16,11 @@ except ImportError as _error:  # not built: every op runs the pure-PyTorch refer
     )
 
 from . import reference
-from .model import MASS, pick_head
+from .model import MASS, pick_head, route_features, stack_router_bases
 from .nn import RoutedLinear
 from .ops import backend, route, routed_linear
 from .routing import Routing
 
 __all__ = ["routed_linear", "route", "Routing", "reference", "backend", "RoutedLinear", "MASS",
-           "pick_head"]
+           "pick_head", "route_features", "stack_router_bases"]
 __version__ = "0.1.0"

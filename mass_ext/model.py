@@ -192,7 +192,9 @@ class MASS(nn.Module):
             self._state.mode = "self"
             with self._capture_router_inputs(early_exit=False) as captured:
                 out = self.model(*args, **kwargs)
-            self.routing = self._route_captured(captured, kwargs)
+            self.routing = route_features(self._pooled(captured, kwargs), self.router_bases(),
+                                          self.top_k, temperature=self.temperature,
+                                          threshold=self.threshold, weighting=self.weighting)
             return out
         return self.run(self.route(*args, **kwargs), *args, **kwargs)
 
@@ -210,6 +212,16 @@ class MASS(nn.Module):
     def route(self, *args, **kwargs) -> Routing:
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
+        self.routing = route_features(self.router_inputs(*args, **kwargs),
+                                      self.router_bases(), self.top_k,
+                                      temperature=self.temperature, threshold=self.threshold,
+                                      weighting=self.weighting)
+        return self.routing
+
+    def router_inputs(self, *args, **kwargs) -> list:
+        """Pass 1 up to the (last) router layer: the pooled input of each router layer,
+        (B, d_in) per layer, in `router_layers` order. With `router_bases` and
+        `route_features` it gives `route`'s decision for any top_k or threshold."""
         with self._capture_router_inputs(early_exit=True) as captured:
             self._first_pass_state(args, kwargs)
             try:
@@ -218,8 +230,7 @@ class MASS(nn.Module):
                 pass
             finally:
                 self._state.mode, self._state.indices, self._state.weights = "self", None, None
-        self.routing = self._route_captured(captured, kwargs)
-        return self.routing
+        return self._pooled(captured, kwargs)
 
     @contextlib.contextmanager
     def _capture_router_inputs(self, early_exit: bool):
@@ -242,36 +253,21 @@ class MASS(nn.Module):
             for hook in hooks:
                 hook.remove()
 
-    def _route_captured(self, captured: dict, kwargs) -> Routing:
+    def _pooled(self, captured: dict, kwargs) -> list:
         missing = [name for name in self.router_layers if name not in captured]
         if missing:
             raise RuntimeError(f"the router layer(s) {missing} were not reached by the "
                                "forward pass")
-        pooled = [self._pool(captured[name], kwargs) for name in self.router_layers]
-        if len(pooled) == 1:
-            x, V = pooled[0], self.routed[self.router_layers[0]].V
-        else:
-            # Unit-norm features side by side against block-diagonal bases: the residual
-            # is then sqrt(sum over layers of each layer's residual fraction).
-            x = torch.cat([p / p.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-                           for p in pooled], dim=-1)
-            V = self._stacked_router_bases()
-        return ops.route(x, V, self.top_k, temperature=self.temperature,
-                         threshold=self.threshold, weighting=self.weighting)
+        return [self._pool(captured[name], kwargs) for name in self.router_layers]
 
-    def _stacked_router_bases(self) -> torch.Tensor:
-        """(T, sum r, sum d_in) block-diagonal V of the router layers, rebuilt only when a
-        layer's V changes."""
+    def router_bases(self) -> torch.Tensor:
+        """The V that `route_features` routes the router inputs against: the router
+        layer's own, or for several layers their block-diagonal stack (cached, rebuilt
+        when a layer's V changes)."""
         Vs = [self.routed[name].V for name in self.router_layers]
         key = tuple((id(V), V._version) for V in Vs)
         if getattr(self, "_router_bases_key", None) != key:
-            T = Vs[0].shape[0]
-            stacked = Vs[0].new_zeros(T, sum(V.shape[1] for V in Vs), sum(V.shape[2] for V in Vs))
-            row = col = 0
-            for V in Vs:
-                stacked[:, row:row + V.shape[1], col:col + V.shape[2]] = V
-                row, col = row + V.shape[1], col + V.shape[2]
-            self._router_bases, self._router_bases_key = stacked, key
+            self._router_bases, self._router_bases_key = stack_router_bases(Vs), key
         return self._router_bases
 
     def _first_pass_state(self, args, kwargs) -> None:
@@ -385,6 +381,35 @@ class MASS(nn.Module):
                 raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
             router["pooling"] = pooling
         return cls(model, meta["task_names"], **router)
+
+
+def stack_router_bases(bases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Block-diagonal (T, sum r, sum d_in) stack of per-layer bases V (T, r_l, d_l); one
+    layer's V is returned as is."""
+    if len(bases) == 1:
+        return bases[0]
+    T = bases[0].shape[0]
+    stacked = bases[0].new_zeros(T, sum(V.shape[1] for V in bases), sum(V.shape[2] for V in bases))
+    row = col = 0
+    for V in bases:
+        stacked[:, row:row + V.shape[1], col:col + V.shape[2]] = V
+        row, col = row + V.shape[1], col + V.shape[2]
+    return stacked
+
+
+def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k: int = 1,
+                   **options) -> Routing:
+    """Routes pooled router-layer inputs (one (B, d_l) tensor per layer) against `bases`
+    (`stack_router_bases` of the layers' V). With several layers each input is scaled to
+    unit norm and they are routed side by side, so the residual is
+    sqrt(sum over layers of the layer's residual fraction ||x - V^T V x||^2 / ||x||^2).
+    options: temperature, threshold, weighting (as for `mass_ext.route`)."""
+    if len(features) == 1:
+        x = features[0]
+    else:
+        x = torch.cat([f / f.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
+                       for f in features], dim=-1)
+    return ops.route(x, bases, top_k, **options)
 
 
 def _router_layer_list(router_layer: RouterLayers) -> list:

@@ -57,6 +57,10 @@ class _RouteState(threading.local):
         self.indices = None         # (B, k) per sample, for "prerouted"
         self.weights = None
 
+    def __reduce__(self):
+        # Copies and pickles start with no routing instruction (thread-locals do not pickle).
+        return (_RouteState, ())
+
 
 class RoutedLinear(nn.Module):
     """nn.Linear plus T low-rank task updates, routed per input row.

@@ -144,6 +144,20 @@ def test_several_router_layers_sum_their_residual_fractions(experts):
     assert torch.equal(routing.indices[:, 0], labels)  # layer 0's subspaces are disjoint
 
 
+def test_a_deep_copy_or_pickle_of_a_model_routes_on_its_own(experts, tmp_path):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x, labels = task_inputs(subspaces, 3)
+    with torch.no_grad():
+        expected = mm(x)
+        torch.save(mm, tmp_path / "mm.pt")
+        for twin in (copy.deepcopy(mm), torch.load(tmp_path / "mm.pt", weights_only=False)):
+            assert all(layer.state is twin._state for layer in twin.routed.values())
+            assert twin._state is not mm._state
+            assert torch.equal(twin(x), expected)
+            assert torch.equal(twin.routing.indices[:, 0], labels)
+
+
 def test_top2_with_threshold_and_softmax_runs_and_keeps_the_best_task(experts):
     base, finetuned, subspaces = experts
     mm = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, threshold=0.2,

@@ -1,0 +1,293 @@
+"""Every method of the comparison, evaluated on one mixed stream of all tasks' examples.
+
+A method maps a batch to (chosen task, predicted class) per example; an example counts as
+correct only if both are right, so picking the wrong task's head is an error. Methods with
+an "oracle head" are given the true task instead of choosing it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import mass_ext
+from mass_ext import MASS, Routing, route_features
+from mass_ext.nn import decorrelate_factors
+
+from .experts import batches, encode, mean_pool, tokenize
+from .tasks import Task
+
+HEAD_RULES = ("max_logit", "max_prob")
+
+
+@dataclass
+class Batch:
+    inputs: Dict[str, torch.Tensor]
+    labels: torch.Tensor
+    tasks: torch.Tensor
+
+
+@dataclass
+class Stream:
+    """Examples of several tasks, shuffled together (fixed seed), tokenized in batches."""
+    labels: torch.Tensor
+    tasks: torch.Tensor
+    batches: List[Batch]
+
+
+def make_stream(tasks: Sequence[Task], split: str, tokenizer, batch_size=64, seed=0,
+                only: int = None) -> Stream:
+    examples = [(text, label, t) for t, task in enumerate(tasks) if only in (None, t)
+                for text, label in getattr(task, split)]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    examples = [examples[i] for i in order]
+    out = []
+    for chunk in batches(examples, batch_size):
+        texts, labels, task_ids = zip(*chunk)
+        out.append(Batch(tokenize(tokenizer, texts), torch.tensor(labels), torch.tensor(task_ids)))
+    return Stream(torch.cat([b.labels for b in out]), torch.cat([b.tasks for b in out]), out)
+
+
+@dataclass
+class Outcome:
+    task: torch.Tensor            # chosen task per example
+    prediction: torch.Tensor      # predicted class within that task
+    seconds: List[float]          # per batch
+    routing: List[torch.Tensor] = field(default_factory=list)  # per batch, when routed
+
+    def accuracy(self, stream: Stream, t: int) -> float:
+        rows = stream.tasks == t
+        correct = (self.task[rows] == t) & (self.prediction[rows] == stream.labels[rows])
+        return correct.float().mean().item()
+
+    def task_identification(self, stream: Stream) -> float:
+        return (self.task == stream.tasks).float().mean().item()
+
+
+Method = Callable[[Batch], Tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def evaluate(stream: Stream, method: Method) -> Outcome:
+    tasks, predictions, seconds, routing = [], [], [], []
+    for batch in stream.batches:
+        start = time.perf_counter()
+        result = method(batch)
+        seconds.append(time.perf_counter() - start)
+        tasks.append(result[0])
+        predictions.append(result[1])
+        if len(result) > 2:
+            routing.append(result[2])
+    return Outcome(torch.cat(tasks), torch.cat(predictions), seconds, routing)
+
+
+def head_scores(heads: Sequence[nn.Linear], features: torch.Tensor, rule: str):
+    """(scores (B, T), predictions (B, T)): every head's confidence and class."""
+    logits = [head(features) for head in heads]
+    if rule == "max_logit":
+        scores = [l.max(-1).values for l in logits]
+    elif rule == "max_prob":
+        scores = [l.softmax(-1).max(-1).values for l in logits]
+    else:
+        raise ValueError(f"rule must be one of {HEAD_RULES}, got {rule!r}")
+    return torch.stack(scores, -1), torch.stack([l.argmax(-1) for l in logits], -1)
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- static models
+
+def static_model(encoder: nn.Module, heads, rule: str, oracle: bool) -> Method:
+    """One encoder for every example; the head is the true task's (oracle) or the most
+    confident of all heads (task unknown)."""
+    def method(batch: Batch):
+        scores, predictions = head_scores(heads, encode(encoder, batch.inputs), rule)
+        task = batch.tasks if oracle else scores.argmax(-1)
+        return task, _take(predictions, task)
+    return method
+
+
+def merged_encoder(base: nn.Module, states: Sequence[Dict[str, torch.Tensor]],
+                   scale: float = None) -> nn.Module:
+    """Weight averaging (scale None) or task arithmetic: base + scale * sum of deltas."""
+    base_state = base.state_dict()
+    merged = {}
+    for key, value in base_state.items():
+        if not value.is_floating_point():
+            merged[key] = value
+            continue
+        stacked = torch.stack([s[key] for s in states]).double()
+        if scale is None:
+            merged[key] = stacked.mean(0).to(value.dtype)
+        else:
+            merged[key] = (value.double() + scale * (stacked - value.double()).sum(0)).to(value.dtype)
+    encoder = copy.deepcopy(base)
+    encoder.load_state_dict(merged)
+    return encoder.eval()
+
+
+def plain_copy(mm: MASS) -> nn.Module:
+    """mm's model with every RoutedLinear back to an nn.Linear (base weight and bias):
+    the base encoder with the averaged 1-D parameters MASS uses."""
+    plain = copy.deepcopy(mm.model)
+    for name, layer in mm.routed.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight.data.copy_(layer.weight)
+        if layer.bias is not None:
+            linear.bias.data.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+    return plain.eval()
+
+
+def tsvm_encoder(mm: MASS) -> nn.Module:
+    """TSV-M: per layer, every task's rank-r block with the stacked factors decorrelated
+    (orthogonalised across tasks), all summed into the base weight."""
+    encoder = plain_copy(mm)
+    for name, layer in mm.routed.items():
+        U, V = decorrelate_factors(layer.U.double(), layer.V.double())
+        delta = torch.einsum("tor,tr,tri->oi", U, layer.S.double(), V)
+        encoder.get_submodule(name).weight.data += delta.to(layer.weight.dtype)
+    return encoder
+
+
+# ---------------------------------------------------------------- MASS through mass_ext
+
+@dataclass
+class Candidates:
+    """Pass-2 results of every candidate slot: (B, k) each; -1 / -inf where a slot was
+    dropped by the threshold."""
+    indices: torch.Tensor
+    probs: torch.Tensor
+    scores: Dict[str, torch.Tensor]   # per head rule
+    predictions: torch.Tensor
+
+    def decide(self, rule: str, keep: torch.Tensor = None):
+        """The kept candidate whose own head is most confident: (task, prediction)."""
+        scores = self.scores[rule]
+        if keep is not None:
+            scores = torch.where(keep, scores, float("-inf"))
+        choice = scores.argmax(-1)  # slot 0 is always kept, so never all -inf
+        return _take(self.indices, choice), _take(self.predictions, choice)
+
+
+def mass_candidates(mm: MASS, heads, batch: Batch, top_k: int, threshold: float) -> Candidates:
+    """Pass 1 routes each sample (top_k slots, threshold); pass 2 runs the model once per
+    slot, on the samples that kept it, each with its one selected task's update."""
+    routing = route_features(mm.router_inputs(**batch.inputs), mm.router_bases(), top_k,
+                             temperature=mm.temperature, threshold=threshold,
+                             weighting="softmax")
+    B = routing.indices.shape[0]
+    scores = {rule: torch.full((B, top_k), float("-inf")) for rule in HEAD_RULES}
+    predictions = torch.zeros(B, top_k, dtype=torch.long)
+    for j in range(top_k):
+        rows = (routing.indices[:, j] >= 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        tasks = routing.indices[rows, j]
+        inputs = {k: v[rows] for k, v in batch.inputs.items()}
+        one = Routing(tasks.unsqueeze(1), torch.ones(len(rows), 1), routing.residuals[rows])
+        features = mean_pool(mm.run(one, **inputs).last_hidden_state, inputs["attention_mask"])
+        for rule in HEAD_RULES:
+            rule_scores, rule_predictions = head_scores(heads, features, rule)
+            scores[rule][rows, j] = _take(rule_scores, tasks)
+        predictions[rows, j] = _take(rule_predictions, tasks)
+    return Candidates(routing.indices, routing.weights, scores, predictions)
+
+
+def mass_two_pass(mm: MASS, heads, top_k: int, threshold: float, rule: str) -> Method:
+    """MASS two-pass through mass_ext: each candidate task runs its own pass 2 and the
+    candidate whose head is most confident wins. top_k=1 is the paper's top-1 MASS."""
+    def method(batch: Batch):
+        candidates = mass_candidates(mm, heads, batch, top_k, threshold)
+        return (*candidates.decide(rule), candidates.indices)
+    return method
+
+
+def mass_per_layer(mm: MASS, heads, rule: str) -> Method:
+    """Single pass: every routed layer routes its own rows (top-1); the head is the one
+    the router layer's pooled input selects (mm.routing)."""
+    def method(batch: Batch):
+        mm.mode = "per_layer"
+        try:
+            hidden = mm(**batch.inputs).last_hidden_state
+        finally:
+            mm.mode = "two_pass"
+        logits = [head(mean_pool(hidden, batch.inputs["attention_mask"])) for head in heads]
+        task, prediction = mass_ext.pick_head(logits, mm.routing)
+        return task, prediction, mm.routing.indices
+    return method
+
+
+# ---------------------------------------------------------------- the reference approach
+
+def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
+    """The paper's reference implementation of MASS inference, in plain PyTorch: pass 1 on
+    the plain model with explicit residuals (mass_ext.reference), then samples grouped by
+    their selected task set, one merged model materialised per group (TSV-M over the
+    selected tasks' blocks) and each group run through its own copy."""
+    plain = plain_copy(mm)
+    layers = {name: (layer.weight.detach(), layer.U.double(), layer.S.double(), layer.V.double())
+              for name, layer in mm.routed.items()}
+    router_layers = mm.router_layers
+
+    class Stop(Exception):
+        pass
+
+    def pooled(x, mask):
+        return mean_pool(x, mask) if mm.pooling == "mean" else x[:, 0]
+
+    def method(batch: Batch):
+        captured = {}
+
+        def capture(name):
+            def hook(_module, inputs):
+                captured[name] = inputs[0]
+                if len(captured) == len(router_layers):
+                    raise Stop
+            return hook
+
+        hooks = [plain.get_submodule(n).register_forward_pre_hook(capture(n)) for n in router_layers]
+        try:
+            plain(**batch.inputs)
+        except Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        fractions = 0
+        for name in router_layers:
+            x = pooled(captured[name], batch.inputs["attention_mask"]).double()
+            V = layers[name][3]
+            rebuilt = torch.einsum("trd,btr->btd", V, torch.einsum("trd,bd->btr", V, x))
+            fractions = fractions + ((x[:, None] - rebuilt) ** 2).sum(-1) / (x ** 2).sum(-1, keepdim=True)
+        indices, _ = mass_ext.reference.select_tasks(fractions.sqrt(), top_k, mm.temperature,
+                                                     0.0, "uniform")
+        B = indices.shape[0]
+        task = torch.empty(B, dtype=torch.long)
+        prediction = torch.empty(B, dtype=torch.long)
+        for selected in torch.unique(indices, dim=0):
+            rows = (indices == selected).all(-1).nonzero().squeeze(1)
+            chosen = selected[selected >= 0]
+            weights = {}
+            for name, (W0, U, S, V) in layers.items():
+                Ug, Vg = U[chosen], V[chosen]
+                if len(chosen) > 1:
+                    Ug, Vg = decorrelate_factors(Ug, Vg)
+                delta = torch.einsum("tor,tr,tri->oi", Ug, S[chosen], Vg)
+                weights[f"{name}.weight"] = W0 + delta.to(W0.dtype)
+            inputs = {k: v[rows] for k, v in batch.inputs.items()}
+            hidden = functional_call(plain, weights, args=(), kwargs=inputs).last_hidden_state
+            scores, predictions = head_scores(heads, mean_pool(hidden, inputs["attention_mask"]), rule)
+            pick = chosen[scores[:, chosen].argmax(-1)]  # the most confident selected head
+            task[rows] = pick
+            prediction[rows] = _take(predictions, pick)
+        return task, prediction, indices
+    return method

@@ -1,0 +1,313 @@
+"""The main job: MASS on a real model with real data, task identity unknown at inference.
+
+Fine-tunes all-MiniLM-L6-v2 separately on five text-classification tasks (cached), builds
+MASS from the experts, chooses the router (layers, pooling), top-k, threshold and head rule
+on the validation split only, and compares on the test split: the experts themselves,
+the base encoder, static merges (weight averaging, task arithmetic, TSV-M), MASS two-pass
+(top-1 and top-k) and per-layer through mass_ext, and the reference MASS second pass.
+Prints the table and writes accuracy.{json,md,png} (and the README table).
+
+    python -m benchmarks.accuracy.run            # the full experiment (~15 min cold)
+    python -m benchmarks.accuracy.run --quick    # 2 tasks, tiny splits: a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+import mass_ext
+from mass_ext import MASS
+
+from .. import common
+from . import methods as M
+from .experts import ExpertCache, Recipe, get_experts, load_base
+from .tasks import TASKS, cache_dir, load_task
+
+# Any routed layer will do for the build; the router is chosen on validation afterwards.
+BUILD_ROUTER = "encoder.layer.0.attention.self.query"
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
+MAX_TOP_K = 2
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def normalized(outcome: M.Outcome, stream: M.Stream, reference: List[float]) -> float:
+    return statistics.fmean(outcome.accuracy(stream, t) / max(reference[t], 1e-9)
+                            for t in range(len(reference)))
+
+
+# ---------------------------------------------------------------- choices on validation
+
+def router_candidates(names: List[str]) -> List[List[str]]:
+    """Every routed layer alone, and every run of consecutive blocks' same sublayer
+    (e.g. the output.dense inputs of layers 1..4)."""
+    kinds: Dict[str, List[str]] = {}
+    for name in names:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".#.", name), []).append(name)
+    candidates = [[n] for n in names]
+    for members in kinds.values():
+        for a in range(len(members)):
+            for b in range(a + 2, len(members) + 1):
+                candidates.append(members[a:b])
+    return candidates
+
+
+@torch.no_grad()
+def choose_router(mm: MASS, val: M.Stream):
+    """(router layers, pooling, validation task-ID accuracy) maximising task
+    identification on validation; ties go to fewer layers, then an earlier exit."""
+    names = list(mm.routed)
+    fractions = {}
+    for pooling in ("mean", "cls"):
+        probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=pooling)
+        per_layer = [[] for _ in names]
+        for batch in val.batches:
+            for i, (x, name) in enumerate(zip(probe.router_inputs(**batch.inputs), names)):
+                residuals = mass_ext.route(x, mm.routed[name].V).residuals
+                per_layer[i].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
+        fractions[pooling] = {n: torch.cat(p) for n, p in zip(names, per_layer)}
+    order = {n: i for i, n in enumerate(names)}
+    scored = []
+    for pooling, by_layer in fractions.items():
+        for layers in router_candidates(names):
+            total = sum(by_layer[n] for n in layers)
+            accuracy = (total.argmin(-1) == val.tasks).float().mean().item()
+            scored.append((accuracy, -len(layers), -order[layers[-1]], pooling, layers))
+    scored.sort(reverse=True)
+    log("router candidates (validation task-ID accuracy), best 5:")
+    for accuracy, _, _, pooling, layers in scored[:5]:
+        log(f"  {accuracy:.3f}  pooling={pooling}  {layers}")
+    accuracy, _, _, pooling, layers = scored[0]
+    return layers, pooling, accuracy
+
+
+@torch.no_grad()
+def choose_routing(mm: MASS, heads, val: M.Stream, expert_val: List[float]):
+    """(top_k, threshold, head rule) maximising normalized validation accuracy; ties go
+    to top-1, then to the larger threshold (fewer second passes)."""
+    per_batch = [M.mass_candidates(mm, heads, b, MAX_TOP_K, 0.0) for b in val.batches]
+    scored = []
+    for rule in M.HEAD_RULES:
+        for k in range(1, MAX_TOP_K + 1):
+            for threshold in (THRESHOLDS if k > 1 else (0.0,)):
+                tasks, predictions = [], []
+                for c in per_batch:
+                    keep = (c.probs > threshold) & (torch.arange(MAX_TOP_K) < k)
+                    keep[:, 0] = True
+                    task, prediction = c.decide(rule, keep)
+                    tasks.append(task)
+                    predictions.append(prediction)
+                outcome = M.Outcome(torch.cat(tasks), torch.cat(predictions), [])
+                score = normalized(outcome, val, expert_val)
+                scored.append((score, -k, threshold, rule))
+    scored.sort(reverse=True)
+    score, k, threshold, rule = scored[0]
+    log(f"routing chosen on validation: top_k={-k}, threshold={threshold}, head rule={rule} "
+        f"(normalized validation accuracy {score:.3f})")
+    return -k, threshold, rule
+
+
+@torch.no_grad()
+def choose_lambda(base, states, heads, val: M.Stream, expert_val: List[float], rule: str):
+    scores = {lam: normalized(M.evaluate(val, M.static_model(M.merged_encoder(base, states, lam),
+                                                             heads, rule, oracle=True)),
+                              val, expert_val)
+              for lam in LAMBDAS}
+    best = max(scores, key=lambda lam: (scores[lam], -lam))
+    log("task arithmetic lambda on validation: "
+        + ", ".join(f"{lam}: {s:.3f}" for lam, s in scores.items()) + f" -> {best}")
+    return best
+
+
+# ---------------------------------------------------------------- the run
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
+
+
+def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
+        out_dir: Path, write_readme: bool) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    tasks = [load_task(name, scale) for name in task_names]
+    for t in tasks:
+        log(f"task {t.name}: {t.num_classes} classes, train/val/test "
+            f"{len(t.train)}/{len(t.val)}/{len(t.test)}")
+    base, tokenizer = load_base()
+    experts = get_experts(base, tokenizer, tasks, recipe, cache, log)
+    heads = [e.head for e in experts]
+    states = [e.encoder_state for e in experts]
+    expert_val = [e.val_accuracy for e in experts]
+    val = M.make_stream(tasks, "val", tokenizer)
+    test = M.make_stream(tasks, "test", tokenizer)
+
+    built = MASS.from_finetuned(base, {t.name: s for t, s in zip(tasks, states)},
+                                router_layer=BUILD_ROUTER, pooling="mean")
+    layers, pooling, val_task_id = choose_router(built, val)
+    mm = MASS(built.model, built.task_names, router_layer=layers if len(layers) > 1 else layers[0],
+              pooling=pooling)
+    top_k, threshold, rule = choose_routing(mm, heads, val, expert_val)
+    lam = choose_lambda(base, states, heads, val, expert_val, rule)
+
+    rows = []
+
+    def add(name, head, outcome, stream=test, storage=1.0, note=""):
+        per_task = [outcome.accuracy(stream, t) for t in range(len(tasks))]
+        rows.append({"method": name, "head": head, "accuracy": per_task, "storage": storage,
+                     "latency_ms": 1e3 * statistics.median(outcome.seconds),
+                     "task_id": outcome.task_identification(stream), "note": note})
+        log(f"  {name:<40} avg {statistics.fmean(per_task):.3f}  "
+            f"{1e3 * statistics.median(outcome.seconds):7.1f} ms/batch")
+
+    log("evaluating on the test split (batches of 64 mixing all tasks):")
+    # Individual experts: each on its own task's test examples (task known: upper bound).
+    expert_acc, expert_seconds = [], []
+    encoder = copy.deepcopy(base)  # each expert's weights are loaded into it in turn
+    for t, expert in enumerate(experts):
+        encoder.load_state_dict(expert.encoder_state)
+        own = M.make_stream(tasks, "test", tokenizer, only=t)
+        outcome = M.evaluate(own, M.static_model(encoder, heads, rule, oracle=True))
+        expert_acc.append(outcome.accuracy(own, t))
+        expert_seconds += outcome.seconds
+    rows.append({"method": "fine-tuned experts (upper bound)", "head": "oracle",
+                 "accuracy": expert_acc, "storage": float(len(tasks)),
+                 "latency_ms": 1e3 * statistics.median(expert_seconds), "task_id": 1.0,
+                 "note": "one model per task"})
+    log(f"  {'fine-tuned experts (upper bound)':<40} avg {statistics.fmean(expert_acc):.3f}")
+
+    statics = [("base encoder + task heads", base),
+               ("weight averaging", M.merged_encoder(base, states)),
+               (f"task arithmetic (lambda {lam})", M.merged_encoder(base, states, lam)),
+               ("TSV-M", M.tsvm_encoder(mm))]
+    for name, enc in statics:
+        add(name, "oracle", M.evaluate(test, M.static_model(enc, heads, rule, oracle=True)))
+    for name, enc in statics[1:]:
+        add(name, f"{rule} over all", M.evaluate(test, M.static_model(enc, heads, rule, oracle=False)))
+
+    size = parameter_count(mm.model) / parameter_count(base)
+    top1 = M.evaluate(test, M.mass_two_pass(mm, heads, 1, 0.0, rule))
+    add("MASS two-pass top-1 (mass_ext)", "routed", top1, storage=size)
+    if top_k > 1:
+        add(f"MASS two-pass top-{top_k}, threshold {threshold} (mass_ext)", f"{rule} of selected",
+            M.evaluate(test, M.mass_two_pass(mm, heads, top_k, threshold, rule)), storage=size)
+    add("MASS per-layer top-1 (mass_ext)", "routed",
+        M.evaluate(test, M.mass_per_layer(mm, heads, rule)), storage=size)
+    reference = M.evaluate(test, M.reference_two_pass(mm, heads, 1, rule))
+    add("reference MASS second pass (top-1)", "routed", reference, storage=size,
+        note="plain PyTorch, one merged model per group")
+    agreement = (torch.cat(top1.routing) == torch.cat(reference.routing)).all(-1).float().mean().item()
+    log(f"routing decisions: mass_ext and the reference agree on {agreement:.2%} of test samples")
+
+    for row in rows:
+        row["normalized"] = [a / max(e, 1e-9) for a, e in zip(row["accuracy"], expert_acc)]
+        row["avg_accuracy"] = statistics.fmean(row["accuracy"])
+        row["avg_normalized"] = statistics.fmean(row["normalized"])
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": common.machine_info(),
+        "tasks": [{"name": t.name, "classes": t.classes, "train": len(t.train), "val": len(t.val),
+                   "test": len(t.test)} for t in tasks],
+        "experts": [{"task": e.task.name, "val_accuracy": e.val_accuracy,
+                     "train_seconds": e.train_seconds} for e in experts],
+        "choices": {"router_layer": layers, "pooling": pooling, "val_task_id": val_task_id,
+                    "top_k": top_k, "threshold": threshold, "head_rule": rule,
+                    "task_arithmetic_lambda": lam},
+        "routing_agreement_with_reference": agreement,
+        "rows": rows, "seconds": time.perf_counter() - started,
+    }
+    write(result, out_dir, write_readme)
+    return result
+
+
+# ---------------------------------------------------------------- output
+
+def table(result: dict) -> str:
+    names = [t["name"] for t in result["tasks"]]
+    head = ("| method | head | " + " | ".join(names) + " | avg | avg normalized | task ID "
+            "| storage | ms / batch |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in result["rows"]:
+        cells = [f"{a:.3f} ({n:.0%})" for a, n in zip(row["accuracy"], row["normalized"])]
+        lines.append(f"| {row['method']} | {row['head']} | " + " | ".join(cells)
+                     + f" | {row['avg_accuracy']:.3f} | **{row['avg_normalized']:.1%}** "
+                     f"| {row['task_id']:.3f} | {row['storage']:.2f}x | {row['latency_ms']:.0f} |")
+    c, m = result["choices"], result["machine"]
+    lines += [
+        "",
+        f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+        f"commit {m['commit']}; {result['seconds'] / 60:.1f} min in all. Accuracy (normalized "
+        "to the experts'); task identity unknown except where the head column says oracle. "
+        f"Chosen on validation: router {c['router_layer']} ({c['pooling']} pooling, "
+        f"task ID {c['val_task_id']:.3f}), top_k {c['top_k']}, threshold {c['threshold']}, "
+        f"head rule {c['head_rule']}, task arithmetic lambda {c['task_arithmetic_lambda']}. "
+        f"mass_ext and the reference agree on {result['routing_agreement_with_reference']:.2%} "
+        "of routing decisions. Storage: encoder parameters relative to one model (heads "
+        "excluded). Latency: median per batch of 64 on this machine, mixed tasks.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t["name"] for t in result["tasks"]] + ["average"]
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = row["accuracy"] + [row["avg_accuracy"]]
+        ax.bar([x + i * width for x in range(len(names))], values, width,
+               label=f"{row['method']} [{row['head']}]")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"MASS on all-MiniLM-L6-v2, {len(names) - 1} tasks ({result['date']})")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: Path, write_readme: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = table(result)
+    common.write_json(str(out_dir / "accuracy.json"), result)
+    (out_dir / "accuracy.md").write_text(text + "\n")
+    plot(result, out_dir / "accuracy.png")
+    print("\n" + text + "\n")
+    if write_readme:
+        common.replace_between_markers(str(Path(common.ROOT) / "README.md"), "bench:accuracy", text)
+    log(f"wrote {out_dir / 'accuracy.json'}, accuracy.md and accuracy.png")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="2 tasks, tiny splits, 2 training steps: checks the pipeline")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"expert cache (default {cache_dir() / 'experts'}, or $MASS_EXT_CACHE)")
+    parser.add_argument("--out", type=Path, default=Path(common.ROOT) / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        names, scale, recipe = args.tasks or ["bbc", "tweets"], 0.05, Recipe(batch_size=8, max_steps=2)
+    else:
+        names, scale, recipe = args.tasks or list(TASKS), 1.0, Recipe()
+    return run(names, scale, recipe, ExpertCache(args.cache_dir), args.out,
+               write_readme=not args.quick and args.out == parser.get_default("out"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,103 @@
+"""The real-model experiment (benchmarks/accuracy) in miniature: real data and the real
+MiniLM, two tasks, tiny splits, two training steps. Keeps the whole pipeline working:
+splits, expert cache, router/top-k choice on validation, every method, outputs."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from benchmarks.accuracy import experts as E
+from benchmarks.accuracy import run as R
+from benchmarks.accuracy import tasks as D
+
+QUICK = E.Recipe(batch_size=8, max_steps=2)
+
+
+@pytest.mark.parametrize("name", ["bbc", "tweets", "fortunes", "nouns", "verbs"])
+def test_splits_are_balanced_disjoint_and_deterministic(name):
+    if name in ("nouns", "verbs") and not (shutil.which("apt-get") or D.has_wordnet()):
+        pytest.skip("no WordNet here, and no apt-get to fetch it")
+    task = D.load_task(name)
+    again = D.load_task(name)
+    assert task.train == again.train and task.val == again.val and task.test == again.test
+    _, sizes = D.TASKS[name]
+    for split, size in zip((task.train, task.val, task.test), sizes):
+        counts = torch.bincount(torch.tensor([label for _, label in split]),
+                                minlength=task.num_classes)
+        assert counts.tolist() == [size] * task.num_classes
+    texts = [{t for t, _ in s} for s in (task.train, task.val, task.test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task 'imdb'; tasks: "):
+        D.load_task("imdb")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Two tiny experts in a fresh cache, and the base model."""
+    cache = E.ExpertCache(tmp_path_factory.mktemp("cache"))
+    base, tokenizer = E.load_base()
+    tasks = [D.load_task(n, 0.05) for n in ("bbc", "tweets")]
+    experts = E.get_experts(base, tokenizer, tasks, QUICK, cache, log=lambda _: None)
+    return cache, base, tokenizer, tasks, experts
+
+
+def test_experts_come_from_the_cache_the_second_time(quick, monkeypatch):
+    cache, base, tokenizer, tasks, experts = quick
+    manifest = json.loads(cache.manifest_path.read_text())
+    assert sorted(manifest) == ["bbc", "tweets"]
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained although the experts are cached")
+
+    monkeypatch.setattr(E, "fine_tune", no_training)
+    again = E.get_experts(base, tokenizer, tasks, QUICK, cache, log=lambda _: None)
+    for a, b in zip(experts, again):
+        assert all(torch.equal(a.encoder_state[k], b.encoder_state[k]) for k in a.encoder_state)
+        assert torch.equal(a.head.weight, b.head.weight)
+        assert a.val_accuracy == b.val_accuracy
+    # Another recipe is another expert: it is not served from the cache.
+    assert cache.get(tasks[0], E.Recipe(batch_size=8, max_steps=3)) is None
+
+
+def test_a_damaged_cache_entry_is_retrained(quick, tmp_path):
+    _, base, tokenizer, tasks, _ = quick
+    cache = E.ExpertCache(tmp_path)
+    task = tasks[1]
+    first = E.get_experts(base, tokenizer, [task], QUICK, cache, log=lambda _: None)[0]
+    entry = json.loads(cache.manifest_path.read_text())[task.name]
+    (tmp_path / entry["file"]).write_bytes(b"not safetensors")
+    assert cache.get(task, QUICK) is None
+    second = E.get_experts(base, tokenizer, [task], QUICK, cache, log=lambda _: None)[0]
+    # Training is deterministic: the retrained expert is the same.
+    assert all(torch.equal(first.encoder_state[k], second.encoder_state[k])
+               for k in first.encoder_state)
+
+
+def test_quick_run_produces_every_method_and_agrees_with_the_reference(quick, tmp_path):
+    cache, *_ = quick
+    result = R.run(["bbc", "tweets"], 0.05, QUICK, cache, tmp_path, write_readme=False)
+    methods = [row["method"] for row in result["rows"]]
+    for expected in ("fine-tuned experts (upper bound)", "base encoder + task heads",
+                     "weight averaging", "TSV-M", "MASS two-pass top-1 (mass_ext)",
+                     "MASS per-layer top-1 (mass_ext)", "reference MASS second pass (top-1)"):
+        assert expected in methods
+    assert any(m.startswith("task arithmetic") for m in methods)
+    for row in result["rows"]:
+        assert len(row["accuracy"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in row["accuracy"])
+        assert row["latency_ms"] > 0
+    assert result["routing_agreement_with_reference"] == 1.0
+    mass = {row["method"]: row for row in result["rows"]}
+    # Same routing; features equal up to float rounding (fused op vs materialised weights).
+    for ours, theirs in zip(mass["MASS two-pass top-1 (mass_ext)"]["accuracy"],
+                            mass["reference MASS second pass (top-1)"]["accuracy"]):
+        assert abs(ours - theirs) <= 0.05
+    assert 1.0 < mass["MASS two-pass top-1 (mass_ext)"]["storage"] < 3.0
+    assert json.loads((tmp_path / "accuracy.json").read_text())["rows"] == json.loads(
+        json.dumps(result["rows"]))
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    assert "| MASS two-pass top-1 (mass_ext) | routed |" in (tmp_path / "accuracy.md").read_text()
