@@ -123,7 +123,7 @@ def accuracy(encoder: nn.Module, head: nn.Module, tokenizer, examples, batch_siz
     return correct / max(len(examples), 1)
 
 
-def _fingerprint(task: Task, recipe: Recipe) -> str:
+def fingerprint(task: Task, recipe: Recipe) -> str:
     """Changes whenever anything that determines the expert changes."""
     data = hashlib.sha1()
     for split in (task.train, task.val):
@@ -160,7 +160,7 @@ class ExpertCache:
         from safetensors.torch import load_file
 
         entry = self._manifest().get(task.name)
-        if not entry or entry.get("fingerprint") != _fingerprint(task, recipe):
+        if not entry or entry.get("fingerprint") != fingerprint(task, recipe):
             return None
         try:
             tensors = load_file(self.root / entry["file"])
@@ -177,8 +177,8 @@ class ExpertCache:
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(expert.task, recipe)
-        name = f"{expert.task.name}-{fingerprint}.safetensors"
+        key = fingerprint(expert.task, recipe)
+        name = f"{expert.task.name}-{key}.safetensors"
         tensors = {f"encoder.{k}": v.contiguous() for k, v in expert.encoder_state.items()}
         tensors.update({f"head.{k}": v.detach().contiguous()
                         for k, v in expert.head.state_dict().items()})
@@ -188,7 +188,7 @@ class ExpertCache:
         manifest = self._manifest()
         old = manifest.get(expert.task.name, {}).get("file")
         manifest[expert.task.name] = {
-            "file": name, "fingerprint": fingerprint, "val_accuracy": expert.val_accuracy,
+            "file": name, "fingerprint": key, "val_accuracy": expert.val_accuracy,
             "train_seconds": expert.train_seconds, "recipe": asdict(recipe),
             "base": base_model_id(), "classes": expert.task.classes}
         self._write_manifest(manifest)

@@ -19,7 +19,7 @@ import mass_ext
 from mass_ext import MASS, Routing, route_features
 from mass_ext.nn import decorrelate_factors
 
-from .experts import batches, encode, mean_pool, tokenize
+from .experts import MAX_LENGTH, batches, encode, mean_pool, tokenize
 from .tasks import Task
 
 HEAD_RULES = ("max_logit", "max_prob")
@@ -34,7 +34,9 @@ class Batch:
 
 @dataclass
 class Stream:
-    """Examples of several tasks, shuffled together (fixed seed), tokenized in batches."""
+    """Examples of several tasks in batches, as a server would see them: shuffled together
+    (fixed seed), then bucketed by token length (less padding; tasks stay mixed within a
+    batch, nothing tells a method which is which) and the batches shuffled."""
     labels: torch.Tensor
     tasks: torch.Tensor
     batches: List[Batch]
@@ -44,8 +46,13 @@ def make_stream(tasks: Sequence[Task], split: str, tokenizer, batch_size=64, see
                 only: int = None) -> Stream:
     examples = [(text, label, t) for t, task in enumerate(tasks) if only in (None, t)
                 for text, label in getattr(task, split)]
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    examples = [examples[i] for i in order]
+    g = torch.Generator().manual_seed(seed)
+    examples = [examples[i] for i in torch.randperm(len(examples), generator=g)]
+    lengths = [len(ids) for ids in tokenizer([e[0] for e in examples], truncation=True,
+                                             max_length=MAX_LENGTH)["input_ids"]]
+    examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
+    chunks = list(batches(examples, batch_size))
+    examples = [e for i in torch.randperm(len(chunks), generator=g) for e in chunks[i]]
     out = []
     for chunk in batches(examples, batch_size):
         texts, labels, task_ids = zip(*chunk)
@@ -168,6 +175,7 @@ class Candidates:
     probs: torch.Tensor
     scores: Dict[str, torch.Tensor]   # per head rule
     predictions: torch.Tensor
+    seconds: List[float]              # pass 1 + routing, then pass 2 of each slot
 
     def decide(self, rule: str, keep: torch.Tensor = None):
         """The kept candidate whose own head is most confident: (task, prediction)."""
@@ -181,15 +189,19 @@ class Candidates:
 def mass_candidates(mm: MASS, heads, batch: Batch, top_k: int, threshold: float) -> Candidates:
     """Pass 1 routes each sample (top_k slots, threshold); pass 2 runs the model once per
     slot, on the samples that kept it, each with its one selected task's update."""
+    start = time.perf_counter()
     routing = route_features(mm.router_inputs(**batch.inputs), mm.router_bases(), top_k,
                              temperature=mm.temperature, threshold=threshold,
                              weighting="softmax")
+    seconds = [time.perf_counter() - start]
     B = routing.indices.shape[0]
     scores = {rule: torch.full((B, top_k), float("-inf")) for rule in HEAD_RULES}
     predictions = torch.zeros(B, top_k, dtype=torch.long)
     for j in range(top_k):
+        start = time.perf_counter()
         rows = (routing.indices[:, j] >= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
+            seconds.append(0.0)
             continue
         tasks = routing.indices[rows, j]
         inputs = {k: v[rows] for k, v in batch.inputs.items()}
@@ -199,16 +211,26 @@ def mass_candidates(mm: MASS, heads, batch: Batch, top_k: int, threshold: float)
             rule_scores, rule_predictions = head_scores(heads, features, rule)
             scores[rule][rows, j] = _take(rule_scores, tasks)
         predictions[rows, j] = _take(rule_predictions, tasks)
-    return Candidates(routing.indices, routing.weights, scores, predictions)
+        seconds.append(time.perf_counter() - start)
+    return Candidates(routing.indices, routing.weights, scores, predictions, seconds)
 
 
-def mass_two_pass(mm: MASS, heads, top_k: int, threshold: float, rule: str) -> Method:
-    """MASS two-pass through mass_ext: each candidate task runs its own pass 2 and the
-    candidate whose head is most confident wins. top_k=1 is the paper's top-1 MASS."""
-    def method(batch: Batch):
+@torch.no_grad()
+def evaluate_mass_two_pass(stream: Stream, mm: MASS, heads, top_k: int, threshold: float,
+                           rule: str) -> List[Outcome]:
+    """MASS two-pass through mass_ext, top-1 (the paper's) and top-1..top_k from the same
+    runs: top-j keeps slots < j, and its time is pass 1 plus those slots' pass 2."""
+    results = [([], [], [], []) for _ in range(top_k)]
+    for batch in stream.batches:
         candidates = mass_candidates(mm, heads, batch, top_k, threshold)
-        return (*candidates.decide(rule), candidates.indices)
-    return method
+        for j, (tasks, predictions, seconds, routing) in enumerate(results):
+            keep = (candidates.indices >= 0) & (torch.arange(top_k) <= j)
+            task, prediction = candidates.decide(rule, keep)
+            tasks.append(task)
+            predictions.append(prediction)
+            seconds.append(sum(candidates.seconds[:j + 2]))
+            routing.append(torch.where(keep, candidates.indices, -1)[:, :j + 1])
+    return [Outcome(torch.cat(t), torch.cat(p), s, r) for t, p, s, r in results]
 
 
 def mass_per_layer(mm: MASS, heads, rule: str) -> Method:

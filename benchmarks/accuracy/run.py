@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import re
 import statistics
 import sys
@@ -25,15 +26,16 @@ import torch
 
 import mass_ext
 from mass_ext import MASS
+from mass_ext.model import FORMAT_VERSION
 
 from .. import common
 from . import methods as M
-from .experts import ExpertCache, Recipe, get_experts, load_base
+from .experts import ExpertCache, Recipe, fingerprint, get_experts, load_base
 from .tasks import TASKS, cache_dir, load_task
 
 # Any routed layer will do for the build; the router is chosen on validation afterwards.
 BUILD_ROUTER = "encoder.layer.0.attention.self.query"
-LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 1.0)
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 MAX_TOP_K = 2
 
@@ -68,15 +70,19 @@ def choose_router(mm: MASS, val: M.Stream):
     """(router layers, pooling, validation task-ID accuracy) maximising task
     identification on validation; ties go to fewer layers, then an earlier exit."""
     names = list(mm.routed)
-    fractions = {}
-    for pooling in ("mean", "cls"):
-        probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=pooling)
-        per_layer = [[] for _ in names]
-        for batch in val.batches:
-            for i, (x, name) in enumerate(zip(probe.router_inputs(**batch.inputs), names)):
+    poolings = ("mean", "cls")
+
+    def both_poolings(x, kwargs):  # one pass 1 gives every layer's input pooled both ways
+        return torch.stack([M.mean_pool(x, kwargs["attention_mask"]), x[:, 0]])
+
+    probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=both_poolings)
+    per_layer = {(p, n): [] for p in poolings for n in names}
+    for batch in val.batches:
+        for pooled, name in zip(probe.router_inputs(**batch.inputs), names):
+            for x, pooling in zip(pooled, poolings):
                 residuals = mass_ext.route(x, mm.routed[name].V).residuals
-                per_layer[i].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
-        fractions[pooling] = {n: torch.cat(p) for n, p in zip(names, per_layer)}
+                per_layer[pooling, name].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
+    fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
     order = {n: i for i, n in enumerate(names)}
     scored = []
     for pooling, by_layer in fractions.items():
@@ -132,6 +138,26 @@ def choose_lambda(base, states, heads, val: M.Stream, expert_val: List[float], r
 
 # ---------------------------------------------------------------- the run
 
+def build_mass(base, tasks, states, recipe: Recipe, cache: ExpertCache) -> MASS:
+    """MASS from the experts (per-task SVD of every layer), or the bundle a previous run
+    saved for exactly these experts."""
+    key = hashlib.sha1("|".join([*(fingerprint(t, recipe) for t in tasks), BUILD_ROUTER,
+                                 str(FORMAT_VERSION)]).encode()).hexdigest()[:16]
+    path = cache.root / f"mass-{key}.safetensors"
+    if path.exists():
+        try:
+            mm = MASS.load(path, base)
+            log(f"MASS: loaded the bundle {path}")
+            return mm
+        except ValueError as error:
+            log(f"MASS: rebuilding ({error})")
+    mm = MASS.from_finetuned(base, {t.name: s for t, s in zip(tasks, states)},
+                             router_layer=BUILD_ROUTER, pooling="mean")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    mm.save(path)
+    return mm
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in module.state_dict().values() if t.is_floating_point())
 
@@ -152,8 +178,7 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     val = M.make_stream(tasks, "val", tokenizer)
     test = M.make_stream(tasks, "test", tokenizer)
 
-    built = MASS.from_finetuned(base, {t.name: s for t, s in zip(tasks, states)},
-                                router_layer=BUILD_ROUTER, pooling="mean")
+    built = build_mass(base, tasks, states, recipe, cache)
     layers, pooling, val_task_id = choose_router(built, val)
     mm = MASS(built.model, built.task_names, router_layer=layers if len(layers) > 1 else layers[0],
               pooling=pooling)
@@ -196,11 +221,12 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
         add(name, f"{rule} over all", M.evaluate(test, M.static_model(enc, heads, rule, oracle=False)))
 
     size = parameter_count(mm.model) / parameter_count(base)
-    top1 = M.evaluate(test, M.mass_two_pass(mm, heads, 1, 0.0, rule))
+    two_pass = M.evaluate_mass_two_pass(test, mm, heads, top_k, threshold, rule)
+    top1 = two_pass[0]
     add("MASS two-pass top-1 (mass_ext)", "routed", top1, storage=size)
     if top_k > 1:
         add(f"MASS two-pass top-{top_k}, threshold {threshold} (mass_ext)", f"{rule} of selected",
-            M.evaluate(test, M.mass_two_pass(mm, heads, top_k, threshold, rule)), storage=size)
+            two_pass[-1], storage=size)
     add("MASS per-layer top-1 (mass_ext)", "routed",
         M.evaluate(test, M.mass_per_layer(mm, heads, rule)), storage=size)
     reference = M.evaluate(test, M.reference_two_pass(mm, heads, 1, rule))
@@ -264,17 +290,17 @@ def plot(result: dict, path: Path) -> None:
 
     names = [t["name"] for t in result["tasks"]] + ["average"]
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(12, 5))
+    fig, ax = plt.subplots(figsize=(14, 5))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         values = row["accuracy"] + [row["avg_accuracy"]]
         ax.bar([x + i * width for x in range(len(names))], values, width,
-               label=f"{row['method']} [{row['head']}]")
+               color=plt.cm.tab20(i % 20), label=f"{row['method']} [{row['head']}]")
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (task unknown unless [oracle])")
     ax.set_ylim(0, 1)
     ax.set_title(f"MASS on all-MiniLM-L6-v2, {len(names) - 1} tasks ({result['date']})")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
