@@ -121,6 +121,19 @@ def static_model(encoder: nn.Module, heads, rule: str, oracle: bool) -> Method:
     return method
 
 
+def separate_experts(encoders: Sequence[nn.Module], heads) -> Method:
+    """The upper bound: every example goes through its own task's fine-tuned model (the
+    task is known; a batch is split by task, one model per task)."""
+    def method(batch: Batch):
+        prediction = torch.empty_like(batch.labels)
+        for t in batch.tasks.unique().tolist():
+            rows = (batch.tasks == t).nonzero().squeeze(1)
+            inputs = {k: v[rows] for k, v in batch.inputs.items()}
+            prediction[rows] = heads[t](encode(encoders[t], inputs)).argmax(-1)
+        return batch.tasks, prediction
+    return method
+
+
 def merged_encoder(base: nn.Module, states: Sequence[Dict[str, torch.Tensor]],
                    scale: float = None) -> nn.Module:
     """Weight averaging (scale None) or task arithmetic: base + scale * sum of deltas."""

@@ -196,21 +196,15 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
             f"{1e3 * statistics.median(outcome.seconds):7.1f} ms/batch")
 
     log("evaluating on the test split (batches of 64 mixing all tasks):")
-    # Individual experts: each on its own task's test examples (task known: upper bound).
-    expert_acc, expert_seconds = [], []
-    encoder = copy.deepcopy(base)  # each expert's weights are loaded into it in turn
-    for t, expert in enumerate(experts):
-        encoder.load_state_dict(expert.encoder_state)
-        own = M.make_stream(tasks, "test", tokenizer, only=t)
-        outcome = M.evaluate(own, M.static_model(encoder, heads, rule, oracle=True))
-        expert_acc.append(outcome.accuracy(own, t))
-        expert_seconds += outcome.seconds
-    rows.append({"method": "fine-tuned experts (upper bound)", "head": "oracle",
-                 "accuracy": expert_acc, "storage": float(len(tasks)),
-                 "latency_ms": 1e3 * statistics.median(expert_seconds), "task_id": 1.0,
-                 "note": "one model per task"})
-    log(f"  {'fine-tuned experts (upper bound)':<40} avg {statistics.fmean(expert_acc):.3f}")
-
+    encoders = []
+    for expert in experts:
+        encoders.append(copy.deepcopy(base))
+        encoders[-1].load_state_dict(expert.encoder_state)
+    add("fine-tuned experts (upper bound)", "oracle",
+        M.evaluate(test, M.separate_experts(encoders, heads)), storage=float(len(tasks)),
+        note="one model per task, the task known")
+    expert_acc = rows[-1]["accuracy"]
+    del encoders
     statics = [("base encoder + task heads", base),
                ("weight averaging", M.merged_encoder(base, states)),
                (f"task arithmetic (lambda {lam})", M.merged_encoder(base, states, lam)),
