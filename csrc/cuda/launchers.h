@@ -45,7 +45,7 @@ void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices
              const at::Tensor& weights, at::Tensor& H);
 
 // partial[c, n, :] = sum over the kept slots j of row n of U_{t_j}[:, chunk c] h[n*k + j,
-// chunk c], rank chunks of kExpandRank. Reads only the selected tasks' U. Returns
+// chunk c], rank chunks of 64 (kExpandRank). Reads only the selected tasks' U. Returns
 // partial (chunks, N, d_out) acc.
 at::Tensor expand_selected(const at::Tensor& h, const at::Tensor& indices, const at::Tensor& U);
 
