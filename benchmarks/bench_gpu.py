@@ -12,6 +12,9 @@ Providers (same inputs, same run):
   loop         route, then one masked pass per task with index_add_ (what users write)
   floor_base   F.linear(x, W, b): the layer without any task
   floor_cat    F.linear(x, cat([W, V_stacked])): the GEMM routing cannot avoid
+  fused_decode, fused_large  `fused` with each CUDA path forced (the thresholds'
+               environment variables; graph timing only): where they cross tells where
+               kProjectMaxRows / kSelectedMaxRows belong
 
 Two timings per provider, medians with the 20th-80th percentile range:
   graph  CUDA-graph replays of calls that cycle over copies of the layer (> 200 MB in all,
@@ -52,7 +55,31 @@ SHAPES = [
 ]
 ROTATE_BYTES = 200 * 2**20
 FLUSH_BYTES = 256 * 2**20
-GRAPH_PROVIDERS = ("fused", "fused_rowU", "prerouted_k1", "reference", "floor_base", "floor_cat")
+GRAPH_PROVIDERS = ("fused", "fused_rowU", "prerouted_k1", "reference", "floor_base", "floor_cat",
+                   "fused_decode", "fused_large")
+GRAPH_ONLY = ("fused_decode", "fused_large")
+PATH_ENV = {
+    "fused_decode": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "1000000",
+                     "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000"},
+    "fused_large": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "0"},
+}
+
+
+def with_env(fn, env):
+    """fn run with the environment variables `env` set (the CUDA op reads its path
+    thresholds at each call; a captured graph keeps the path chosen at capture)."""
+    def run():
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return run
 
 
 def quantiles(times):
@@ -126,8 +153,11 @@ def providers_for(params, x, k, top1):
     W, b, U, S, V = params
     U_cm = U.transpose(1, 2).contiguous().transpose(1, 2)
     W_cat = torch.cat([W, V.reshape(-1, V.shape[-1])])
+    fused = lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, k)  # noqa: E731
     return {
-        "fused": lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, k),
+        "fused": fused,
+        "fused_decode": with_env(fused, PATH_ENV["fused_decode"]),
+        "fused_large": with_env(fused, PATH_ENV["fused_large"]),
         "fused_rowU": lambda: mass_ext.routed_linear(x, W, b, U, S, V, k),
         "prerouted_k1": lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, indices=top1.indices,
                                                        weights=top1.weights),
@@ -168,13 +198,16 @@ def run(args, out_dir):
                 routing = mass_ext.route(x, copies[0][4], k)
                 per_copy_providers = [providers_for(p, x, k, top1) for p in copies]
                 names = list(per_copy_providers[0])
+                if N > 256:  # the decode path is CUDA-core GEMV work: minutes at large N
+                    names.remove("fused_decode")
                 if compiled_ref is not None and shape_i == 0 and N == 16:
                     W, b, U, S, V = copies[0]
                     per_copy_providers[0]["compiled_ref"] = lambda: compiled_ref(x, W, b, U, S, V, k)
                     names.append("compiled_ref")
                 eager, graph = {}, {}
                 for name in names:
-                    eager[name] = time_eager(per_copy_providers[0][name], args.reps, flush)
+                    if name not in GRAPH_ONLY:
+                        eager[name] = time_eager(per_copy_providers[0][name], args.reps, flush)
                     if name in GRAPH_PROVIDERS:
                         try:
                             graph[name] = time_graph([p[name] for p in per_copy_providers],
@@ -208,6 +241,8 @@ def make_row(d, T, r, k, N, nbytes, flops, eager, graph, copy_bw):
         der["fused_vs_cat_plus_expand"] = g["fused"] / (g["floor_cat"] * flops / cat_flops)
     if "prerouted_k1" in g and "floor_base" in g:
         der["prerouted_k1_vs_linear"] = g["prerouted_k1"] / g["floor_base"]
+    if "fused_decode" in g and "fused_large" in g:
+        der["decode_path_over_large_path"] = g["fused_decode"] / g["fused_large"]
     for base in ("reference", "loop", "compiled_ref"):
         if base in e and "fused" in e:
             der[f"{base}_over_fused_eager"] = e[base] / e["fused"]
@@ -234,8 +269,8 @@ def markdown(result):
         "",
         "| d | T | r | k | N | fused (graph) | GB/s | % of copy | TFLOP/s | fused / (cat GEMM + "
         "expand) | pre-routed k=1 / F.linear | fused (eager) | reference / fused | loop / fused "
-        "| compiled ref / fused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compiled ref / fused | decode path / large path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     for row in result["rows"]:
@@ -252,6 +287,7 @@ def markdown(result):
             fmt(der.get("reference_over_fused_eager")),
             fmt(der.get("loop_over_fused_eager")),
             fmt(der.get("compiled_ref_over_fused_eager")),
+            fmt(der.get("decode_path_over_large_path")),
         ]) + " |")
     return "\n".join(lines) + "\n"
 
