@@ -20,6 +20,17 @@ def _flag(name):
     return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
 
 
+def _nvidia_wheel_dirs():
+    """(include dirs, lib dirs) of the NVIDIA wheels a CUDA build of torch installs
+    (site-packages/nvidia/cu13/...): ATen's CUDA headers include cuBLAS / cuSPARSE headers
+    that a bare CUDA toolkit may lack."""
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    roots = sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*")))
+    includes = [os.path.join(p, "include") for p in roots if os.path.isdir(os.path.join(p, "include"))]
+    libs = [os.path.join(p, "lib") for p in roots if os.path.isdir(os.path.join(p, "lib"))]
+    return includes, libs
+
+
 def extension():
     debug = _flag("MASS_EXT_DEBUG")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
@@ -44,11 +55,15 @@ def extension():
         and CUDA_HOME is not None
     )
     if use_cuda:
-        nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3"]
+        # No --use_fast_math: the routing relies on IEEE isnan / isinf, ldexp and exact
+        # division. -lineinfo lets compute-sanitizer name source lines.
+        nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+        wheel_includes, wheel_libs = _nvidia_wheel_dirs()
         return CUDAExtension(
             "mass_ext._C",
             sources + cuda_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc")] + wheel_includes,
+            library_dirs=wheel_libs,
             extra_compile_args={"cxx": cxx_flags + ["-DMASS_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )

@@ -115,26 +115,16 @@ at::Tensor dense_projections(const at::Tensor& rows_acc, const at::Tensor& V) {
   return at::mm(rows_acc, V_stacked.to(rows_acc.scalar_type()).t());
 }
 
-// Below this ||x||^2 some squares of the row may have lost bits to underflow (float32:
-// ||x|| < ~1e-12); above the largest acc_t they overflowed (float32: ||x|| > ~1.8e19).
-template <typename acc_t>
-constexpr acc_t kNorm2SafeMin = std::numeric_limits<acc_t>::min() /
-                                (std::numeric_limits<acc_t>::epsilon() *
-                                 std::numeric_limits<acc_t>::epsilon());
-
-// e such that the largest |x_i| of a finite, nonzero row is in [2^(e-1), 2^e); 0 for a
-// zero row or a row holding a NaN or inf (their residuals are already right).
+// rescale_exponent (routing.h) of one row.
 template <typename acc_t>
 int row_exponent(const acc_t* row, int64_t d_in) {
   acc_t max_abs = 0;
   for (int64_t i = 0; i < d_in; ++i) {
     const acc_t a = std::fabs(row[i]);
-    if (!std::isfinite(a)) return 0;
+    if (!std::isfinite(a)) return rescale_exponent(acc_t(0), false);
     max_abs = a > max_abs ? a : max_abs;
   }
-  int e = 0;
-  if (max_abs > acc_t(0)) std::frexp(max_abs, &e);
-  return e;
+  return rescale_exponent(max_abs, true);
 }
 
 // Routes rows [begin, end): residuals (optional), indices, weights and, when `h` is
@@ -160,8 +150,7 @@ void route_rows(
     // every finite row whose norm acc_t can hold gets its true residuals.
     acc_t row_norm2 = x_norm2[n - begin];
     int e = 0;
-    if (!(row_norm2 >= kNorm2SafeMin<acc_t> && row_norm2 <= std::numeric_limits<acc_t>::max()))
-      e = row_exponent(rows + n * row_stride, d.d_in);
+    if (norm2_needs_rescale(row_norm2)) e = row_exponent(rows + n * row_stride, d.d_in);
     if (e != 0) {
       scaled_row.resize(d.d_in);
       for (int64_t i = 0; i < d.d_in; ++i) scaled_row[i] = std::ldexp(rows[n * row_stride + i], -e);
@@ -177,8 +166,7 @@ void route_rows(
           z_norm2 += zq * zq;
         }
       }
-      acc_t res = residual_from_norms(row_norm2, z_norm2);
-      if (e != 0) res = std::ldexp(res, e);
+      const acc_t res = scaled_residual(row_norm2, z_norm2, e);
       if (residuals) residuals[n * d.T + t] = res;
       logits[t] = logit_from_residual(res);
     }

@@ -30,6 +30,39 @@ MASS_HOST_DEVICE acc_t residual_from_norms(acc_t x_norm2, acc_t z_norm2) {
   return std::sqrt(diff > acc_t(0) ? diff : acc_t(0));
 }
 
+// Below this ||x||^2 some squares of a row may have lost bits to underflow (float32:
+// ||x|| < ~1e-12); above the largest acc_t they overflowed (float32: ||x|| > ~1.8e19).
+template <typename acc_t>
+MASS_HOST_DEVICE constexpr acc_t norm2_safe_min() {
+  return std::numeric_limits<acc_t>::min() /
+         (std::numeric_limits<acc_t>::epsilon() * std::numeric_limits<acc_t>::epsilon());
+}
+
+// Whether a row with this ||x||^2 must be redone divided by a power of two (see
+// rescale_exponent): its squares overflowed or underflowed (or it holds a NaN / inf).
+template <typename acc_t>
+MASS_HOST_DEVICE bool norm2_needs_rescale(acc_t x_norm2) {
+  return !(x_norm2 >= norm2_safe_min<acc_t>() && x_norm2 <= std::numeric_limits<acc_t>::max());
+}
+
+// e such that the largest |x_i| (max_abs) of a row is in [2^(e-1), 2^e): the row divided
+// by 2^e (exact) has squares in range. 0 for a zero row or a row holding a NaN or inf
+// (all_finite false): their residuals are already right.
+template <typename acc_t>
+MASS_HOST_DEVICE int rescale_exponent(acc_t max_abs, bool all_finite) {
+  int e = 0;
+  if (all_finite && max_abs > acc_t(0)) std::frexp(max_abs, &e);
+  return e;
+}
+
+// The residual of one task from the norms of the row and its projection, both divided by
+// 2^e (e from rescale_exponent; 0 = not rescaled), in the row's own units.
+template <typename acc_t>
+MASS_HOST_DEVICE acc_t scaled_residual(acc_t x_norm2, acc_t z_norm2, int e) {
+  const acc_t res = residual_from_norms(x_norm2, z_norm2);
+  return e != 0 ? std::ldexp(res, e) : res;
+}
+
 // logit_t = -res_t; a NaN logit becomes -inf so that a non-finite row still selects
 // valid tasks (the lowest ids, as ties).
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU machine's one script (H200, Python 3.12, torch 2.11 cu130, no network): builds
+# the extension for sm_90, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on
+# a small run, and the GPU benchmarks. Everything goes to $OUT as it happens (logs, junit
+# XML, gpu.json / gpu.md), so a run cut short still leaves what it finished. Each stage
+# has its own timeout, all within GPU_CHECK_BUDGET seconds (default 460: under 8 minutes).
+# Installs nothing.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-460}
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+
+note() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
+
+# stage NAME CAP_SECONDS LOG command...: runs within min(CAP, what the budget has left).
+stage() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 15 ]; then
+    note "$name: SKIPPED (budget spent)"
+    return 1
+  fi
+  note "$name: start (timeout ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
+  local status=$?
+  note "$name: exit $status$( [ $status -eq 124 ] && echo ' (TIMEOUT)')"
+  tail -n 5 "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
+  return $status
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
+  git rev-parse --short HEAD 2>/dev/null || true
+  nvcc --version | tail -n 2 || true
+} > "$OUT/env.txt" 2>&1
+note "env: $(tr '\n' ' ' < "$OUT/env.txt" | cut -c1-300)"
+
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
+if ! stage build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
+  note "build failed: see build.log"
+  exit 1
+fi
+stage backend 60 "$OUT/backend.log" "$PY" -c \
+  "import mass_ext; b = mass_ext.backend('cuda'); print('backend', b); assert b == 'cuda'"
+
+stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
+  --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_backend.py
+
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+stage memcheck 50 "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 3 \
+  "$PY" benchmarks/cuda_smoke.py
+# Rows go to gpu.json / gpu.md as they are measured: a timeout keeps the finished ones.
+stage bench 200 "$OUT/bench.log" "$PY" benchmarks/bench_gpu.py --out "$OUT" --reps 15 \
+  --graph-reps 5
+stage racecheck 45 "$OUT/racecheck.log" "$SAN" --tool racecheck --error-exitcode 3 \
+  "$PY" benchmarks/cuda_smoke.py
+note "done in $(( $(date +%s) - START ))s; results in $OUT"

@@ -1,0 +1,104 @@
+// The expand at decode sizes: y[n] += sum over the kept slots j of row n of
+// U_{t_j} h[n*k + j], reading only the selected tasks' U_t (each tile of it from DRAM
+// once per block, however many rows of the block selected that task).
+#include <ATen/OpMathType.h>
+
+#include "cuda/common.cuh"
+#include "cuda/launchers.h"
+
+namespace mass_ext {
+namespace cuda {
+namespace {
+
+constexpr int kExpandCols = 32;   // output columns per block: one per lane
+constexpr int kExpandRank = 64;   // rank chunk per block (grid.y); partial sums per chunk
+constexpr int kExpandRows = 64;   // rows of x per block (grid.z)
+constexpr int kExpandThreads = 256;
+constexpr int kExpandGroups = kExpandThreads / kExpandCols;  // = warps: rows n = group mod 8
+
+// Block (column tile, rank chunk, row tile). For each task t that a row of the tile
+// selected (in task order), the tile U_t[c0:c0+32, q0:q0+64] goes to shared memory, read
+// along whichever of its strides is 1 (row- or column-major U_t, or neither), and every
+// (row, slot) selecting t adds its dot products. Each partial sum belongs to one thread
+// and is reduced in a fixed order: deterministic, no atomics. Out-of-range task ids match
+// no t and are skipped (the pre-routed kernels assert on them).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kExpandThreads) expand_selected_kernel(
+    const acc_t* __restrict__ h,            // [N * k, r]
+    const int64_t* __restrict__ indices,    // [N * k]
+    const scalar_t* __restrict__ U, int64_t U_stride0, int64_t U_stride1, int64_t U_stride2,  // [T, d_out, r]
+    int64_t N, int64_t T, int64_t r, int64_t k, int64_t d_out,
+    acc_t* __restrict__ partial) {          // [ceil(r / kExpandRank), N, d_out]
+  // +1: the q-fastest tile load writes a column of `tile`; the padding spreads it over banks.
+  __shared__ acc_t tile[kExpandRank][kExpandCols + 1];
+  __shared__ acc_t sums[kExpandRows][kExpandCols];
+  const int64_t c0 = int64_t(blockIdx.x) * kExpandCols;
+  const int64_t q0 = int64_t(blockIdx.y) * kExpandRank;
+  const int64_t n0 = int64_t(blockIdx.z) * kExpandRows;
+  const int nc = static_cast<int>(d_out - c0 < kExpandCols ? d_out - c0 : kExpandCols);
+  const int nq = static_cast<int>(r - q0 < kExpandRank ? r - q0 : kExpandRank);
+  const int nn = static_cast<int>(N - n0 < kExpandRows ? N - n0 : kExpandRows);
+  const int col = threadIdx.x % kExpandCols, group = threadIdx.x / kExpandCols;
+  const bool columns_contiguous = U_stride1 == 1;
+  for (int i = threadIdx.x; i < kExpandRows * kExpandCols; i += kExpandThreads)
+    sums[i / kExpandCols][i % kExpandCols] = acc_t(0);
+  const int64_t* tile_indices = indices + n0 * k;
+  for (int64_t t = 0; t < T; ++t) {
+    bool used = false;
+    for (int64_t s = threadIdx.x; s < nn * k; s += kExpandThreads) used |= tile_indices[s] == t;
+    if (!__syncthreads_or(used)) continue;  // also orders the previous task's reads of `tile`
+    const scalar_t* U_t = U + t * U_stride0 + c0 * U_stride1 + q0 * U_stride2;
+    for (int i = threadIdx.x; i < kExpandRank * kExpandCols; i += kExpandThreads) {
+      const int q = columns_contiguous ? i / kExpandCols : i % kExpandRank;
+      const int c = columns_contiguous ? i % kExpandCols : i / kExpandRank;
+      tile[q][c] = q < nq && c < nc ? static_cast<acc_t>(U_t[c * U_stride1 + q * U_stride2])
+                                    : acc_t(0);
+    }
+    __syncthreads();
+    for (int n = group; n < nn; n += kExpandGroups) {  // warp-uniform: group is the warp
+      acc_t acc = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = (n0 + n) * k + j;
+        if (indices[slot] != t) continue;
+        const acc_t* h_slot = h + slot * r + q0;
+        for (int q = 0; q < nq; ++q) acc += tile[q][col] * h_slot[q];
+      }
+      sums[n][col] += acc;
+    }
+    __syncthreads();
+  }
+  // The last barrier above ordered every update of `sums`.
+  acc_t* out = partial + (int64_t(blockIdx.y) * N + n0) * d_out + c0;
+  for (int i = threadIdx.x; i < nn * kExpandCols; i += kExpandThreads) {
+    const int n = i / kExpandCols, c = i % kExpandCols;
+    if (c < nc) out[n * d_out + c] = sums[n][c];
+  }
+}
+
+}  // namespace
+
+at::Tensor expand_selected(const at::Tensor& h, const at::Tensor& indices, const at::Tensor& U) {
+  const int64_t N = indices.size(0), k = indices.size(1);
+  const int64_t T = U.size(0), d_out = U.size(1), r = U.size(2);
+  const int64_t chunks = (r + kExpandRank - 1) / kExpandRank;
+  at::Tensor partial = at::empty({chunks, N, d_out}, h.options());
+  const int64_t col_tiles = (d_out + kExpandCols - 1) / kExpandCols;
+  const int64_t row_tiles = (N + kExpandRows - 1) / kExpandRows;
+  if (N == 0 || d_out == 0) return partial;
+  TORCH_CHECK(col_tiles <= INT32_MAX && chunks <= 65535 && row_tiles <= 65535,
+              "expand_selected: shape out of range (N = ", N, ", d_out = ", d_out, ", r = ", r, ")");
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks),
+                  static_cast<unsigned>(row_tiles));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MASS_EXT_DISPATCH(U.scalar_type(), "mass_ext_expand_selected", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    expand_selected_kernel<scalar_t, acc_t><<<grid, kExpandThreads, 0, stream>>>(
+        h.const_data_ptr<acc_t>(), indices.const_data_ptr<int64_t>(), U.const_data_ptr<scalar_t>(),
+        U.stride(0), U.stride(1), U.stride(2), N, T, r, k, d_out, partial.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return partial;
+}
+
+}  // namespace cuda
+}  // namespace mass_ext

@@ -1,0 +1,59 @@
+// The CUDA kernels of routed_linear_cuda.cu, one launcher each. Every launcher runs on
+// the current stream of the current device (the caller holds a device guard), checks its
+// launch, never synchronises, and sizes its grid from shapes only (CUDA-graph safe).
+// Tensors named *_acc hold the accumulation dtype (float32; float64 for float64 inputs).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "routing.h"
+
+namespace mass_ext {
+namespace cuda {
+
+// Rows of x up to which the dense part (x W^T, x V_stacked^T) runs in `project` (one
+// memory-bound pass over [W; V]); beyond, in cuBLAS. Decode sizes.
+constexpr int64_t kProjectMaxRows = 8;
+// Rows up to which the expand reads only the selected tasks' U_t (`expand_selected`);
+// beyond, it is one tensor-core GEMM over all T tasks (`dense_h` + cuBLAS).
+constexpr int64_t kSelectedMaxRows = 64;
+
+// a_out[n, m] = rows[n] . a[m], b_out[n, m] = rows[n] . b[m] (b optional: undefined).
+// rows (N, d_in), a (Ma, d_in), b (Mb, d_in): unit stride along d_in. Outputs (N, M*) acc.
+void project(const at::Tensor& rows, const at::Tensor& a, const at::Tensor& b,
+             at::Tensor& a_out, at::Tensor& b_out);
+
+// Per-row routing from z = x V_stacked^T (N, T*r) acc: indices (N, k), weights (N, k),
+// residuals (N, T) (optional) and, when h is defined, h[n*k + j] = w_j * S_t * z_t (N*k, r)
+// acc for the kept slots (0 for dropped ones).
+void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, int64_t top_k,
+           double temperature, double threshold, Weighting weighting, at::Tensor& indices,
+           at::Tensor& weights, at::Tensor& residuals, const at::Tensor& S, at::Tensor& h);
+
+// Pre-routed shrink of the selected tasks only: h[n*k + j] = w_j * S_t * (V_t x_n) (N*k, r)
+// acc; 0 for a dropped slot. indices (N, k) int64 and weights (N, k) acc contiguous; V with
+// unit stride along d_in.
+void shrink(const at::Tensor& rows, const at::Tensor& V, const at::Tensor& S,
+            const at::Tensor& indices, const at::Tensor& weights, at::Tensor& h);
+
+// Dense over tasks: H[n, t*r + q] = (z[n, t*r + q] * S[t, q]) * c[n, t] in the dtype of S,
+// c[n, t] = sum of the weights of the kept slots of row n selecting t; exactly 0 where no
+// slot selects t. indices / weights (N, k) contiguous.
+void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices,
+             const at::Tensor& weights, at::Tensor& H);
+
+// partial[c, n, :] = sum over the kept slots j of row n of U_{t_j}[:, chunk c] h[n*k + j,
+// chunk c], rank chunks of 64 (kExpandRank). Reads only the selected tasks' U. Returns
+// partial (chunks, N, d_out) acc.
+at::Tensor expand_selected(const at::Tensor& h, const at::Tensor& indices, const at::Tensor& U);
+
+// out[n, c] = base[n, c] + bias[c] + sum_a adds[a, n, c], rounded once to out's dtype.
+// base (N, d_out) acc contiguous, bias (d_out,) or undefined, adds (A, N, d_out) acc
+// contiguous or undefined, out (N, d_out) contiguous.
+void finalize(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
+              const at::Tensor& adds, at::Tensor& out);
+
+}  // namespace cuda
+}  // namespace mass_ext

@@ -1,0 +1,201 @@
+// CUDA kernels of the three ops (TORCH_LIBRARY_IMPL(mass_ext, CUDA)). Two paths, picked
+// from the number of rows N alone (so a captured CUDA graph replays the same launches):
+//
+// * decode (N <= kSelectedMaxRows): memory-bound. The dense part reads W and the stacked V
+//   once (`project`, N <= kProjectMaxRows; cuBLAS above), routing writes the scaled
+//   projections h of the kept slots, and the expand reads only the selected tasks' U_t.
+//   Pre-routed: the shrink reads only the selected tasks' V_t.
+// * large N: compute-bound. x W^T and x V_stacked^T are cuBLAS GEMMs with float32 output;
+//   routing is one kernel; the expand is one more GEMM, H (N, T*r) x U as (T*r, d_out),
+//   with H = w * S * z for the selected tasks and 0 elsewhere (dense over the tasks: T/k
+//   times the expand's own FLOPs, but on tensor cores and with no data-dependent sizes).
+//
+// Every path works for any d_in, d_out, r, T, k and layout; no host synchronisation, no
+// grid sized from data. MASS_EXT_CUDA_PROJECT_MAX_ROWS / MASS_EXT_CUDA_SELECTED_MAX_ROWS
+// move the two thresholds (benchmarks and tests run each path on the same shapes).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+
+#include "checks.h"
+#include "cuda/launchers.h"
+
+namespace mass_ext {
+namespace cuda {
+namespace {
+
+int64_t threshold_from_env(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  return std::strtoll(value, nullptr, 10);
+}
+
+struct Plan {
+  bool project;   // dense part in `project` (else cuBLAS)
+  bool selected;  // expand over the selected tasks only (else dense over T, cuBLAS)
+};
+
+Plan plan_for(int64_t N) {
+  return {N <= threshold_from_env("MASS_EXT_CUDA_PROJECT_MAX_ROWS", kProjectMaxRows),
+          N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS", kSelectedMaxRows)};
+}
+
+void check_cuda(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+}
+
+// a @ b with float32 accumulation and output for 16-bit inputs (cuBLAS, tensor cores).
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const auto dtype = a.scalar_type();
+  if (dtype == at::kHalf || dtype == at::kBFloat16) return at::mm(a, b, at::kFloat);
+  return at::mm(a, b);
+}
+
+// V as (T * r, d_in) rows with a unit inner stride (a view when V allows it).
+at::Tensor stacked(const at::Tensor& V) {
+  at::Tensor Vs = V.reshape({V.size(0) * V.size(1), V.size(2)});
+  return Vs.size(1) > 1 && Vs.stride(1) != 1 ? Vs.contiguous() : Vs;
+}
+
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t;
+}
+
+// (x W^T, x V_stacked^T) in the accumulation dtype; either may be skipped (want_* false).
+std::pair<at::Tensor, at::Tensor> dense_part(const at::Tensor& rows, const at::Tensor& weight,
+                                             const at::Tensor& V, bool want_base, bool want_z,
+                                             const Plan& plan) {
+  const auto acc = at::toOpMathType(rows.scalar_type());
+  at::Tensor base, z;
+  if (plan.project) {
+    const at::Tensor W = want_base ? unit_inner_stride(weight) : at::Tensor();
+    const at::Tensor Vs = want_z ? stacked(V) : at::Tensor();
+    if (want_base) base = at::empty({rows.size(0), W.size(0)}, rows.options().dtype(acc));
+    if (want_z) z = at::empty({rows.size(0), Vs.size(0)}, rows.options().dtype(acc));
+    project(rows, W, Vs, base, z);
+  } else {
+    // The kernels below index the results as contiguous rows.
+    if (want_base) base = mm_acc(rows, weight.t()).contiguous();
+    if (want_z) z = mm_acc(rows, stacked(V).t()).contiguous();
+  }
+  return {base, z};
+}
+
+// U as the (T * r, d_out) matrix of the dense expand: a view when each U_t is stored
+// column-major (U.transpose(1, 2) contiguous), else one copy.
+at::Tensor expand_matrix(const at::Tensor& U) {
+  return U.transpose(1, 2).reshape({U.size(0) * U.size(2), U.size(1)});
+}
+
+// out = base + bias + the low-rank terms, for the slots in (indices, weights) (N, k).
+// `h` (N*k, r) for the selected-tasks path, `z` (N, T*r) for the dense one.
+at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
+                             const at::Tensor& U, const at::Tensor& S, const at::Tensor& indices,
+                             const at::Tensor& weights, const at::Tensor& h, const at::Tensor& z,
+                             at::ScalarType dtype) {
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(dtype));
+  at::Tensor adds;
+  if (h.defined()) {
+    adds = expand_selected(h, indices, U);
+  } else {
+    at::Tensor H = at::empty(z.sizes(), z.options().dtype(dtype));
+    dense_h(z, S, indices, weights, H);
+    adds = mm_acc(H, expand_matrix(U)).contiguous().unsqueeze(0);
+  }
+  finalize(base, bias, adds, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& x, const at::Tensor& V, int64_t top_k, double temperature,
+    double threshold, c10::string_view weighting_name) {
+  const LayerDims d = check_route_inputs(x, V);
+  const Weighting weighting =
+      check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
+  check_cuda(x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({d.N, top_k}, x.options().dtype(acc));
+  at::Tensor residuals = at::empty({d.N, d.T}, x.options().dtype(acc));
+  if (d.N > 0) {
+    const at::Tensor rows = as_rows(x, d.N, d.d_in);
+    const at::Tensor z = dense_part(rows, at::Tensor(), V, false, true, plan_for(d.N)).second;
+    at::Tensor no_h;
+    route(rows, z, d.T, d.r, top_k, temperature, threshold, weighting, indices, weights,
+          residuals, at::Tensor(), no_h);
+  }
+  return {indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k)),
+          residuals.view(leading_shape_with(x, d.T))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, int64_t top_k,
+    double temperature, double threshold, c10::string_view weighting_name) {
+  const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
+  const Weighting weighting =
+      check_routing_options(top_k, d.T, temperature, threshold, weighting_name);
+  check_cuda(x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor indices = at::empty({d.N, top_k}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({d.N, top_k}, x.options().dtype(acc));
+  at::Tensor out;
+  if (d.N == 0) {
+    out = at::empty({0, d.d_out}, x.options());
+  } else {
+    const Plan plan = plan_for(d.N);
+    const at::Tensor rows = as_rows(x, d.N, d.d_in);
+    const auto [base, z] = dense_part(rows, weight, V, true, true, plan);
+    at::Tensor h = plan.selected ? at::empty({d.N * top_k, d.r}, z.options()) : at::Tensor();
+    at::Tensor no_residuals;
+    route(rows, z, d.T, d.r, top_k, temperature, threshold, weighting, indices, weights,
+          no_residuals, S, h);
+    out = expand_and_finish(base, bias, U, S, indices, weights, h, z, x.scalar_type());
+  }
+  return {out.view(leading_shape_with(x, d.d_out)), indices.view(leading_shape_with(x, top_k)),
+          weights.view(leading_shape_with(x, top_k))};
+}
+
+at::Tensor routed_linear_prerouted_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, const at::Tensor& indices,
+    const at::Tensor& weights) {
+  const LayerDims d = check_layer_inputs(x, weight, bias, U, S, V);
+  check_prerouted_inputs(x, indices, weights);
+  check_cuda(x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  if (d.N == 0) return at::empty(leading_shape_with(x, d.d_out), x.options());
+  const int64_t k = indices.size(-1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const at::Tensor idx = indices.reshape({d.N, k}).contiguous();
+  const at::Tensor w = weights.reshape({d.N, k}).to(acc).contiguous();
+  const Plan plan = plan_for(d.N);
+  const at::Tensor rows = as_rows(x, d.N, d.d_in);
+  // Index values are checked on the device (shrink / dense_h): see shrink_kernel.
+  const auto [base, z] = dense_part(rows, weight, V, true, !plan.selected, plan);
+  at::Tensor h;
+  if (plan.selected) {
+    h = at::empty({d.N * k, d.r}, rows.options().dtype(acc));
+    const at::Tensor V_rows = unit_inner_stride(V);
+    shrink(rows, V_rows, S, idx, w, h);
+  }
+  return expand_and_finish(base, bias, U, S, idx, w, h, z, x.scalar_type())
+      .view(leading_shape_with(x, d.d_out));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mass_ext, CUDA, m) {
+  m.impl("route", &route_cuda);
+  m.impl("routed_linear", &routed_linear_cuda);
+  m.impl("routed_linear_prerouted", &routed_linear_prerouted_cuda);
+}
+
+}  // namespace cuda
+}  // namespace mass_ext

@@ -1,0 +1,225 @@
+// Routing and the per-slot shrink on CUDA: `route` (residuals, standardised softmax,
+// top-k, threshold and weights per row, with the math of routing.h shared with the CPU
+// kernel), `shrink` (pre-routed, selected tasks only) and `dense_h` (the dense-over-tasks
+// operand of the large-batch expand).
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+
+#include "cuda/common.cuh"
+#include "cuda/launchers.h"
+
+namespace mass_ext {
+namespace cuda {
+namespace {
+
+constexpr int kRouteThreads = 256;
+
+// One block per row (grid-stride over rows). Residuals as in route_rows of the CPU kernel:
+// ||x||^2 - ||z_t||^2, the row and its projections redone divided by 2^e when the squares
+// of the row overflow or underflow. The selection itself (select_tasks) is serial on one
+// thread: O(top_k * T) with T small, and it keeps the CPU kernel's exact rules.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRouteThreads) route_kernel(
+    const scalar_t* __restrict__ x, int64_t x_stride,  // [N, d_in]
+    int64_t N, int64_t d_in,
+    const acc_t* __restrict__ z,                       // [N, T * r]
+    int64_t T, int64_t r, int64_t top_k, acc_t temperature, acc_t threshold,
+    Weighting weighting,
+    // Written by one thread and read by the others after a barrier: not __restrict__,
+    // so that no read goes through the read-only (non-coherent) cache.
+    int64_t* indices,                                  // [N, top_k]
+    acc_t* weights,                                    // [N, top_k]
+    acc_t* __restrict__ residuals,                     // [N, T] or nullptr
+    acc_t* scratch,                                    // [N, 2 * T]: logits, probs
+    const scalar_t* __restrict__ S, int64_t S_stride0, int64_t S_stride1,  // [T, r] or nullptr
+    acc_t* __restrict__ h) {                           // [N * top_k, r] or nullptr
+  __shared__ acc_t partial[kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const scalar_t* row = x + n * x_stride;
+    const acc_t* z_row = z + n * T * r;
+    acc_t sum = 0;
+    for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
+      const acc_t v = static_cast<acc_t>(row[i]);
+      sum += v * v;
+    }
+    acc_t x_norm2 = block_reduce<false>(sum, partial);
+    int e = 0;
+    if (norm2_needs_rescale(x_norm2)) {  // the same value in every thread: uniform branch
+      acc_t max_abs = 0;
+      bool finite = true;
+      for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
+        const acc_t a = std::fabs(static_cast<acc_t>(row[i]));
+        if (!std::isfinite(a)) finite = false;
+        else max_abs = a > max_abs ? a : max_abs;
+      }
+      max_abs = block_reduce<true>(max_abs, partial);
+      finite = __syncthreads_and(finite);
+      e = rescale_exponent(max_abs, finite);
+      if (e != 0) {
+        sum = 0;
+        for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
+          const acc_t v = std::ldexp(static_cast<acc_t>(row[i]), -e);
+          sum += v * v;
+        }
+        x_norm2 = block_reduce<false>(sum, partial);
+      }
+    }
+    acc_t* logits = scratch + n * 2 * T;
+    acc_t* probs = logits + T;
+    for (int64_t t = warp; t < T; t += warps) {  // a warp per task
+      acc_t z_norm2 = 0;
+      for (int64_t q = lane; q < r; q += kWarp) {
+        const acc_t v = e != 0 ? std::ldexp(z_row[t * r + q], -e) : z_row[t * r + q];
+        z_norm2 += v * v;
+      }
+      z_norm2 = warp_sum(z_norm2);
+      if (lane == 0) {
+        const acc_t res = scaled_residual(x_norm2, z_norm2, e);
+        if (residuals) residuals[n * T + t] = res;
+        logits[t] = logit_from_residual(res);
+      }
+    }
+    __syncthreads();  // logits complete (global memory: visible to the block after it)
+    if (threadIdx.x == 0)
+      select_tasks(logits, probs, T, top_k, temperature, threshold, weighting,
+                   indices + n * top_k, weights + n * top_k);
+    __syncthreads();  // the selection is visible to the whole block
+    if (h) {
+      for (int64_t i = threadIdx.x; i < top_k * r; i += blockDim.x) {
+        const int64_t j = i / r, q = i - j * r;
+        const int64_t t = indices[n * top_k + j];
+        h[n * top_k * r + i] =
+            t < 0 ? acc_t(0)
+                  : weights[n * top_k + j] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) *
+                        z_row[t * r + q];
+      }
+    }
+  }
+}
+
+constexpr int kShrinkWarps = 8;
+
+// One warp per (slot, rank row q): h[slot, q] = w * S_t[q] * (V_t[q] . x_row), reading
+// only the selected tasks' V. Index values are checked here, on the device: a host check
+// would have to wait for the data (no CUDA graphs); out of range is a device-side assert,
+// as for torch's own indexing on CUDA.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kShrinkWarps * kWarp) shrink_kernel(
+    const scalar_t* __restrict__ x, int64_t x_stride, int64_t d_in,                 // [N, d_in]
+    const scalar_t* __restrict__ V, int64_t V_stride0, int64_t V_stride1, bool vec,  // [T, r, d_in]
+    const scalar_t* __restrict__ S, int64_t S_stride0, int64_t S_stride1,           // [T, r]
+    const int64_t* __restrict__ indices, const acc_t* __restrict__ weights,          // [N * k]
+    int64_t slots, int64_t T, int64_t r, int64_t k,
+    acc_t* __restrict__ h) {                                                         // [N * k, r]
+  const int lane = threadIdx.x % kWarp;
+  const int64_t items = slots * r;
+  for (int64_t item = int64_t(blockIdx.x) * kShrinkWarps + threadIdx.x / kWarp; item < items;
+       item += int64_t(gridDim.x) * kShrinkWarps) {
+    const int64_t slot = item / r, q = item - slot * r;
+    const int64_t t = indices[slot];
+    CUDA_KERNEL_ASSERT(t >= -1 && t < T);
+    if (t < 0 || t >= T) {
+      if (lane == 0) h[item] = acc_t(0);
+      continue;  // warp-uniform
+    }
+    acc_t acc[1] = {acc_t(0)};
+    lane_dots<1>(V + t * V_stride0 + q * V_stride1, x + (slot / k) * x_stride, x_stride, 1, d_in,
+                 vec, acc);
+    const acc_t dot = warp_sum(acc[0]);
+    if (lane == 0)
+      h[item] = weights[slot] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) * dot;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void dense_h_kernel(
+    const acc_t* __restrict__ z,                                           // [N, T * r]
+    const scalar_t* __restrict__ S, int64_t S_stride0, int64_t S_stride1,  // [T, r]
+    const int64_t* __restrict__ indices, const acc_t* __restrict__ weights,  // [N, k]
+    int64_t total, int64_t T, int64_t r, int64_t k,
+    scalar_t* __restrict__ H) {                                            // [N, T * r]
+  const int64_t row_len = T * r;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = e / row_len, tq = e - n * row_len, t = tq / r, q = tq - t * r;
+    acc_t c = 0;
+    bool selected = false;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = indices[n * k + j];
+      CUDA_KERNEL_ASSERT(s >= -1 && s < T);
+      if (s == t) {
+        c += weights[n * k + j];
+        selected = true;
+      }
+    }
+    // Unselected tasks give exactly 0 (not 0 * z: z may be inf in a row past float range).
+    H[e] = selected ? static_cast<scalar_t>(z[e] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) * c)
+                    : static_cast<scalar_t>(0);
+  }
+}
+
+}  // namespace
+
+void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, int64_t top_k,
+           double temperature, double threshold, Weighting weighting, at::Tensor& indices,
+           at::Tensor& weights, at::Tensor& residuals, const at::Tensor& S, at::Tensor& h) {
+  const int64_t N = rows.size(0), d_in = rows.size(1);
+  if (N == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor scratch = at::empty({N, 2 * T}, z.options());
+  MASS_EXT_DISPATCH(rows.scalar_type(), "mass_ext_route", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    route_kernel<scalar_t, acc_t><<<grid_for(N, 1, 1 << 16), kRouteThreads, 0, stream>>>(
+        rows.const_data_ptr<scalar_t>(), rows.stride(0), N, d_in, z.const_data_ptr<acc_t>(), T, r,
+        top_k, static_cast<acc_t>(temperature), static_cast<acc_t>(threshold), weighting,
+        indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(),
+        residuals.defined() ? residuals.mutable_data_ptr<acc_t>() : nullptr,
+        scratch.mutable_data_ptr<acc_t>(), h.defined() ? S.const_data_ptr<scalar_t>() : nullptr,
+        h.defined() ? S.stride(0) : 0, h.defined() ? S.stride(1) : 0,
+        h.defined() ? h.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void shrink(const at::Tensor& rows, const at::Tensor& V, const at::Tensor& S,
+            const at::Tensor& indices, const at::Tensor& weights, at::Tensor& h) {
+  const int64_t slots = indices.numel(), k = indices.size(1), T = V.size(0), r = V.size(1);
+  const int64_t d_in = rows.size(1);
+  if (slots == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MASS_EXT_DISPATCH(rows.scalar_type(), "mass_ext_shrink", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = rows.const_data_ptr<scalar_t>();
+    const scalar_t* v = V.const_data_ptr<scalar_t>();
+    const bool vec = d_in % Vec<scalar_t>::kSize == 0 && vector_aligned(x, rows.stride(0)) &&
+                     vector_aligned(v, V.stride(0)) && V.stride(1) % Vec<scalar_t>::kSize == 0;
+    shrink_kernel<scalar_t, acc_t>
+        <<<grid_for(slots * r, kShrinkWarps, 1 << 20), kShrinkWarps * kWarp, 0, stream>>>(
+            x, rows.stride(0), d_in, v, V.stride(0), V.stride(1), vec, S.const_data_ptr<scalar_t>(),
+            S.stride(0), S.stride(1), indices.const_data_ptr<int64_t>(),
+            weights.const_data_ptr<acc_t>(), slots, T, r, k, h.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices,
+             const at::Tensor& weights, at::Tensor& H) {
+  const int64_t total = H.numel(), T = S.size(0), r = S.size(1), k = indices.size(1);
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  MASS_EXT_DISPATCH(H.scalar_type(), "mass_ext_dense_h", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dense_h_kernel<scalar_t, acc_t><<<grid_for(total, kThreads, 1 << 16), kThreads, 0, stream>>>(
+        z.const_data_ptr<acc_t>(), S.const_data_ptr<scalar_t>(), S.stride(0), S.stride(1),
+        indices.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(), total, T, r, k,
+        H.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace mass_ext
