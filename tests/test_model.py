@@ -280,6 +280,69 @@ def test_routed_linear_from_linear_reproduces_exact_low_rank_experts():
     assert torch.allclose(layer.V @ layer.V.transpose(1, 2), torch.eye(3).expand(4, 3, 3), atol=1e-5)
 
 
+def _stacked(U, V):
+    """U (T, d_out, r) -> (d_out, T r) and V (T, r, d_in) -> (T r, d_in), tasks side by side."""
+    T_, d_out, r = U.shape
+    return U.permute(1, 0, 2).reshape(d_out, T_ * r), V.reshape(T_ * r, V.shape[-1])
+
+
+def test_decorrelate_factors_gives_the_polar_factor_of_the_stacked_factors():
+    """decorrelate_factors promises: stacked U has orthonormal columns and stacked V
+    orthonormal rows (every task's block orthogonal to every other task's, and each V_t
+    still has the orthonormal rows routing needs), and each is the NEAREST such matrix
+    (the polar factor: Q^T M symmetric positive semidefinite)."""
+    from mass_ext.nn import decorrelate_factors, low_rank_factors
+
+    g = torch.Generator().manual_seed(11)
+    T_, d_out, d_in, r = 3, 20, 16, 4
+    deltas = torch.randn(T_, d_out, d_in, generator=g, dtype=torch.float64)
+    U, _, V = low_rank_factors(deltas, r)
+    Ud, Vd = decorrelate_factors(U, V)
+    assert Ud.shape == U.shape and Vd.shape == V.shape
+    eye = torch.eye(T_ * r, dtype=torch.float64)
+    for before, after in ((_stacked(U, V)[0], _stacked(Ud, Vd)[0]),
+                          (_stacked(U, V)[1].T, _stacked(Ud, Vd)[1].T)):
+        torch.testing.assert_close(after.T @ after, eye, atol=1e-12, rtol=0)
+        assert (before.T @ before - eye).abs().max() > 1e-2  # the tasks did overlap
+        sym = after.T @ before
+        torch.testing.assert_close(sym, sym.T, atol=1e-12, rtol=0)
+        assert float(torch.linalg.eigvalsh((sym + sym.T) / 2).min()) >= -1e-12
+    # Factors already orthogonal across tasks are left as they are.
+    basis = torch.linalg.qr(torch.randn(d_in, T_ * r, generator=g, dtype=torch.float64)).Q.T
+    disjoint = basis.reshape(T_, r, d_in)
+    U_disjoint = torch.linalg.qr(torch.randn(d_out, T_ * r, generator=g, dtype=torch.float64)).Q
+    U_disjoint = U_disjoint.reshape(d_out, T_, r).permute(1, 0, 2)
+    Ud, Vd = decorrelate_factors(U_disjoint, disjoint)
+    torch.testing.assert_close(Vd, disjoint, atol=1e-12, rtol=0)
+    torch.testing.assert_close(Ud, U_disjoint, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="T \\* r <= min"):
+        decorrelate_factors(U[..., :1].expand(T_, d_out, 6), V[:, :1].expand(T_, 6, d_in))
+
+
+def test_decorrelated_model_runs_and_routes(experts):
+    """decorrelate=True: every routed layer's stacked factors are orthonormal across
+    tasks, and the model still runs both modes and routes the separable inputs (the
+    router layer's V_t span disjoint subspaces already, so decorrelation keeps them)."""
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", decorrelate=True,
+                             progress=False)
+    plain = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    for name, layer in mm.routed.items():
+        U_s, V_s = _stacked(layer.U.double(), layer.V.double())
+        eye = torch.eye(layer.num_tasks * layer.rank, dtype=torch.float64)
+        torch.testing.assert_close(U_s.T @ U_s, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(V_s @ V_s.T, eye, atol=1e-5, rtol=0)
+        assert torch.equal(layer.S, plain.routed[name].S)  # the singular values are kept
+    torch.testing.assert_close(mm.routed["0"].V, plain.routed["0"].V, atol=1e-5, rtol=0)
+    x, labels = task_inputs(subspaces, per_task=5)
+    with torch.no_grad():
+        out = mm(x)
+        assert torch.equal(mm.routing.indices[:, 0], labels)
+        assert out.shape == (len(labels), D_OUT) and bool(out.isfinite().all())
+        mm.mode = "per_layer"
+        assert bool(mm(x).isfinite().all())
+
+
 def test_pick_head_takes_the_most_confident_selected_head():
     routing = mass_ext.Routing(torch.tensor([[0, 2], [1, -1]]), torch.ones(2, 2), torch.zeros(2, 3))
     heads = [torch.tensor([[5.0, 1.0], [9.0, 0.0]]),          # task 0, 2 classes
