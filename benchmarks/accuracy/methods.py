@@ -65,7 +65,7 @@ class Outcome:
     task: torch.Tensor            # chosen task per example
     prediction: torch.Tensor      # predicted class within that task
     seconds: List[float]          # per batch
-    routing: List[torch.Tensor] = field(default_factory=list)  # per batch, when routed
+    routing: List[torch.Tensor] = field(default_factory=list)  # per batch: a method's extra output
 
     def accuracy(self, stream: Stream, t: int) -> float:
         rows = stream.tasks == t
@@ -111,14 +111,19 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- static models
 
-def static_model(encoder: nn.Module, heads, rule: str, oracle: bool) -> Method:
-    """One encoder for every example; the head is the true task's (oracle) or the most
-    confident of all heads (task unknown)."""
+def static_model(encoder: nn.Module, heads, rule: str) -> Method:
+    """One encoder for every example. Returns (the most confident of all heads: task
+    unknown), plus the true task's head (oracle) as the third element."""
     def method(batch: Batch):
         scores, predictions = head_scores(heads, encode(encoder, batch.inputs), rule)
-        task = batch.tasks if oracle else scores.argmax(-1)
-        return task, _take(predictions, task)
+        guessed = scores.argmax(-1)
+        return guessed, _take(predictions, guessed), _take(predictions, batch.tasks)
     return method
+
+
+def oracle_head(outcome: Outcome, stream: Stream) -> Outcome:
+    """The static model's oracle-head readout (the same forward passes as `outcome`)."""
+    return Outcome(stream.tasks, torch.cat(outcome.routing), outcome.seconds)
 
 
 def separate_experts(encoders: Sequence[nn.Module], heads) -> Method:
@@ -134,20 +139,17 @@ def separate_experts(encoders: Sequence[nn.Module], heads) -> Method:
     return method
 
 
-def merged_encoder(base: nn.Module, states: Sequence[Dict[str, torch.Tensor]],
-                   scale: float = None) -> nn.Module:
-    """Weight averaging (scale None) or task arithmetic: base + scale * sum of deltas."""
-    base_state = base.state_dict()
-    merged = {}
-    for key, value in base_state.items():
-        if not value.is_floating_point():
-            merged[key] = value
-            continue
-        stacked = torch.stack([s[key] for s in states]).double()
-        if scale is None:
-            merged[key] = stacked.mean(0).to(value.dtype)
-        else:
-            merged[key] = (value.double() + scale * (stacked - value.double()).sum(0)).to(value.dtype)
+def task_vector_sum(base: nn.Module, states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Sum over tasks of (fine-tuned - base), per floating-point tensor (float64)."""
+    return {key: sum(s[key].double() for s in states) - len(states) * value.double()
+            for key, value in base.state_dict().items() if value.is_floating_point()}
+
+
+def merged_encoder(base: nn.Module, vector_sum: Dict[str, torch.Tensor], scale: float) -> nn.Module:
+    """base + scale * (sum of task vectors): task arithmetic; scale 1/T is weight averaging."""
+    merged = {key: value if key not in vector_sum
+              else (value.double() + scale * vector_sum[key]).to(value.dtype)
+              for key, value in base.state_dict().items()}
     encoder = copy.deepcopy(base)
     encoder.load_state_dict(merged)
     return encoder.eval()

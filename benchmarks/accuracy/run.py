@@ -40,8 +40,11 @@ THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 MAX_TOP_K = 2
 
 
+_STARTED = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", flush=True)
 
 
 def normalized(outcome: M.Outcome, stream: M.Stream, reference: List[float]) -> float:
@@ -125,11 +128,11 @@ def choose_routing(mm: MASS, heads, val: M.Stream, expert_val: List[float]):
 
 
 @torch.no_grad()
-def choose_lambda(base, states, heads, val: M.Stream, expert_val: List[float], rule: str):
-    scores = {lam: normalized(M.evaluate(val, M.static_model(M.merged_encoder(base, states, lam),
-                                                             heads, rule, oracle=True)),
-                              val, expert_val)
-              for lam in LAMBDAS}
+def choose_lambda(base, vector_sum, heads, val: M.Stream, expert_val: List[float], rule: str):
+    scores = {}
+    for lam in LAMBDAS:
+        outcome = M.evaluate(val, M.static_model(M.merged_encoder(base, vector_sum, lam), heads, rule))
+        scores[lam] = normalized(M.oracle_head(outcome, val), val, expert_val)
     best = max(scores, key=lambda lam: (scores[lam], -lam))
     log("task arithmetic lambda on validation: "
         + ", ".join(f"{lam}: {s:.3f}" for lam, s in scores.items()) + f" -> {best}")
@@ -164,7 +167,8 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
         out_dir: Path, write_readme: bool) -> dict:
-    started = time.perf_counter()
+    global _STARTED
+    started = _STARTED = time.perf_counter()
     torch.manual_seed(0)
     tasks = [load_task(name, scale) for name in task_names]
     for t in tasks:
@@ -183,7 +187,8 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     mm = MASS(built.model, built.task_names, router_layer=layers if len(layers) > 1 else layers[0],
               pooling=pooling)
     top_k, threshold, rule = choose_routing(mm, heads, val, expert_val)
-    lam = choose_lambda(base, states, heads, val, expert_val, rule)
+    vector_sum = M.task_vector_sum(base, states)
+    lam = choose_lambda(base, vector_sum, heads, val, expert_val, rule)
 
     rows = []
 
@@ -206,13 +211,16 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     expert_acc = rows[-1]["accuracy"]
     del encoders
     statics = [("base encoder + task heads", base),
-               ("weight averaging", M.merged_encoder(base, states)),
-               (f"task arithmetic (lambda {lam})", M.merged_encoder(base, states, lam)),
+               ("weight averaging", M.merged_encoder(base, vector_sum, 1 / len(tasks))),
+               (f"task arithmetic (lambda {lam})", M.merged_encoder(base, vector_sum, lam)),
                ("TSV-M", M.tsvm_encoder(mm))]
+    unknown = []
     for name, enc in statics:
-        add(name, "oracle", M.evaluate(test, M.static_model(enc, heads, rule, oracle=True)))
-    for name, enc in statics[1:]:
-        add(name, f"{rule} over all", M.evaluate(test, M.static_model(enc, heads, rule, oracle=False)))
+        outcome = M.evaluate(test, M.static_model(enc, heads, rule))
+        add(name, "oracle", M.oracle_head(outcome, test))
+        unknown.append((name, outcome))
+    for name, outcome in unknown[1:]:
+        add(name, f"{rule} over all", outcome)
 
     size = parameter_count(mm.model) / parameter_count(base)
     two_pass = M.evaluate_mass_two_pass(test, mm, heads, top_k, threshold, rule)
