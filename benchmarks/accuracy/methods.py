@@ -248,6 +248,18 @@ def evaluate_mass_two_pass(stream: Stream, mm: MASS, heads, top_k: int, threshol
     return [Outcome(torch.cat(t), torch.cat(p), s, r) for t, p, s, r in results]
 
 
+def mass_known_task(mm: MASS, heads) -> Method:
+    """Diagnostic: pass 2 with every sample routed to its true task (no pass 1), so the
+    gap to the experts is what the rank-r blocks and averaged parameters lose."""
+    def method(batch: Batch):
+        known = Routing(batch.tasks.unsqueeze(1), torch.ones(len(batch.tasks), 1), None)
+        features = mean_pool(mm.run(known, **batch.inputs).last_hidden_state,
+                             batch.inputs["attention_mask"])
+        _, predictions = head_scores(heads, features, "max_logit")
+        return batch.tasks, _take(predictions, batch.tasks)
+    return method
+
+
 def mass_per_layer(mm: MASS, heads, rule: str) -> Method:
     """Single pass: every routed layer routes its own rows (top-1); the head is the one
     the router layer's pooled input selects (mm.routing)."""

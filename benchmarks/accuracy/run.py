@@ -229,6 +229,9 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     if top_k > 1:
         add(f"MASS two-pass top-{top_k}, threshold {threshold} (mass_ext)", f"{rule} of selected",
             two_pass[-1], storage=size)
+    add("MASS, true task routed (diagnostic)", "oracle",
+        M.evaluate(test, M.mass_known_task(mm, heads)), storage=size,
+        note="pass 2 only, every sample routed to its own task")
     add("MASS per-layer top-1 (mass_ext)", "routed",
         M.evaluate(test, M.mass_per_layer(mm, heads, rule)), storage=size)
     reference = M.evaluate(test, M.reference_two_pass(mm, heads, 1, rule))
