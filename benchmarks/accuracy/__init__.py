@@ -1,0 +1,1 @@
+"""The accuracy experiment (the main job): tasks, experts, methods, run."""
