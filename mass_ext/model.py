@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .nn import RoutedLinear, _RouteState, decorrelate_factors, default_rank, low_rank_factors
+from .nn import RoutedLinear, _RouteState, default_rank
 from .routing import Routing
 
 FORMAT_VERSION = 1

@@ -434,3 +434,11 @@ def check_route_against_reference(x, V, top_k, *, temperature=1.0, threshold=0.0
     assert_same_routing(got, ref, ref.residuals, tol(x.dtype).probs, res2_tol=res2_tol(x, V),
                         **options)
     return got, ref
+
+
+def case_inputs(case, dtype, seed=0):
+    """x (in the case's layout) and a Layer for one tests/cases.py Case."""
+    layer = make_layer(case.T, case.r, case.d_in, case.d_out, dtype=dtype, bias=case.bias,
+                       seed=seed)
+    x = strided_like(make_x((*case.lead, case.d_in), dtype, seed=seed + 1), case.layout)
+    return x, layer

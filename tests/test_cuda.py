@@ -28,6 +28,7 @@ from .cases import (
     prerouted_indices,
 )
 from .helpers import (
+    case_inputs,
     Layer,
     assert_output_matches,
     check_route_against_reference,
@@ -93,15 +94,8 @@ def test_to_cuda_keeps_layout():
 
 # ------------------------------------------------------------------------ vs reference
 
-def _inputs(case: Case, dtype, seed=0):
-    layer = make_layer(case.T, case.r, case.d_in, case.d_out, dtype=dtype, bias=case.bias,
-                       seed=seed)
-    x = strided_like(make_x((*case.lead, case.d_in), dtype, seed=seed + 1), case.layout)
-    return x, layer
-
-
 def _check_case(case: Case, dtype, seed=0):
-    x, layer = _inputs(case, dtype, seed)
+    x, layer = case_inputs(case, dtype, seed)
     xc, params = to_cuda(x), cuda_params(layer)
     options = dict(temperature=case.temperature, threshold=case.threshold,
                    weighting=case.weighting)

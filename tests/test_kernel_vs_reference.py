@@ -33,6 +33,7 @@ from .cases import (
     prerouted_indices,
 )
 from .helpers import (
+    case_inputs,
     acc_dtype,
     assert_output_matches,
     check_route_against_reference,
@@ -48,15 +49,8 @@ from .helpers import (
 pytestmark = pytest.mark.skipif(mass_ext.backend() != "cpp", reason="C++ extension not built")
 
 
-def _inputs(case: Case, dtype, seed=0):
-    layer = make_layer(case.T, case.r, case.d_in, case.d_out, dtype=dtype, bias=case.bias,
-                       seed=seed)
-    x = strided_like(make_x((*case.lead, case.d_in), dtype, seed=seed + 1), case.layout)
-    return x, layer
-
-
 def _check_case(case: Case, dtype, seed=0):
-    x, layer = _inputs(case, dtype, seed)
+    x, layer = case_inputs(case, dtype, seed)
     options = dict(temperature=case.temperature, threshold=case.threshold,
                    weighting=case.weighting)
     routing, _ = check_route_against_reference(x, layer.V, case.k, **options)
@@ -98,7 +92,7 @@ def test_grid_exercises_the_threshold():
     and 0.1 drops fewer, so the threshold code path is compared, not skipped."""
     case = Case(**GRID_SHAPE, weighting="uniform", temperature=1.0, threshold=0.0, bias=True,
                 layout="contiguous")
-    x, layer = _inputs(case, torch.float32, seed=3)
+    x, layer = case_inputs(case, torch.float32, seed=3)
     dropped = {thr: int((mass_ext.route(x, layer.V, 3, threshold=thr).indices == -1).sum())
                for thr in THRESHOLDS}
     assert dropped[0.0] == 0 < dropped[0.1] < dropped[0.3] < 2 * x.shape[0]
@@ -191,7 +185,7 @@ def test_prerouted_all_none_is_the_base_linear_exactly():
          layout="contiguous"),
 ], ids=str)
 def test_self_routed_equals_prerouted_with_its_decision(case, dtype):
-    x, layer = _inputs(case, dtype, seed=17)
+    x, layer = case_inputs(case, dtype, seed=17)
     options = dict(temperature=case.temperature, threshold=case.threshold,
                    weighting=case.weighting)
     routing = mass_ext.route(x, layer.V, case.k, **options)
