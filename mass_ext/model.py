@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import tempfile
+import threading
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -237,9 +238,13 @@ class MASS(nn.Module):
         """Records the input of every router layer; with early_exit, stops the forward pass
         (raises _EarlyExit) once all of them are known."""
         captured = {}
+        # Hooks are shared by every thread calling the model: only this thread's calls count.
+        owner = threading.get_ident()
 
         def hook_for(name):
             def capture(_module, inputs):
+                if threading.get_ident() != owner:
+                    return
                 captured[name] = inputs[0]
                 if early_exit and len(captured) == len(self.router_layers):
                     raise _EarlyExit

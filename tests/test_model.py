@@ -2,6 +2,7 @@
 reproduced when its samples are routed to it; save/load, errors, HF BERT conversion."""
 import copy
 import os
+import threading
 
 import pytest
 import torch
@@ -474,3 +475,19 @@ def test_threads_calling_one_model_get_their_own_routing(experts):
         with ThreadPoolExecutor(max_workers=8) as pool:
             got = list(pool.map(lambda x: mm(x), batches))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    # Lockstep: a barrier at the top of every forward makes two threads run pass 1 (then
+    # pass 2) at the same moment, so each one's router-input hooks see the other's calls.
+    barrier = threading.Barrier(2, timeout=20)
+
+    def wait_for_the_other_thread(_module, _inputs):
+        barrier.wait()
+
+    hook = mm.model.register_forward_pre_hook(wait_for_the_other_thread)
+    try:
+        with torch.no_grad(), ThreadPoolExecutor(max_workers=2) as pool:
+            for i in range(0, len(batches), 2):
+                got = list(pool.map(lambda x: mm(x), batches[i:i + 2]))
+                assert all(torch.equal(a, b) for a, b in zip(got, expected[i:i + 2]))
+    finally:
+        hook.remove()
