@@ -213,11 +213,12 @@ class MASS(nn.Module):
     def route(self, *args, **kwargs) -> Routing:
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
-        self.routing = route_features(self.router_inputs(*args, **kwargs),
-                                      self.router_bases(), self.top_k,
-                                      temperature=self.temperature, threshold=self.threshold,
-                                      weighting=self.weighting)
-        return self.routing
+        # Returned from a local: self.routing is shared, another thread may replace it.
+        routing = route_features(self.router_inputs(*args, **kwargs), self.router_bases(),
+                                 self.top_k, temperature=self.temperature,
+                                 threshold=self.threshold, weighting=self.weighting)
+        self.routing = routing
+        return routing
 
     def router_inputs(self, *args, **kwargs) -> list:
         """Pass 1 up to the (last) router layer: the pooled input of each router layer,
