@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from .model import FIRST_PASSES, MODES
+
 
 def load_base(spec: str) -> torch.nn.Module:
     if os.path.isdir(spec):
@@ -135,8 +137,8 @@ def main(argv=None) -> None:
     b.add_argument("--temperature", type=float, default=1.0)
     b.add_argument("--threshold", type=float, default=0.0)
     b.add_argument("--weighting", default="uniform", choices=["uniform", "softmax", "renormalized"])
-    b.add_argument("--mode", default="two_pass", choices=["two_pass", "per_layer"])
-    b.add_argument("--first-pass", default="pretrained", choices=["pretrained", "tsvm"])
+    b.add_argument("--mode", default="two_pass", choices=list(MODES))
+    b.add_argument("--first-pass", default="pretrained", choices=list(FIRST_PASSES))
     b.add_argument("--decorrelate", action="store_true")
     b.add_argument("-o", "--output", required=True)
     i = sub.add_parser("info", help="tasks, ranks, sizes and router settings of a bundle")

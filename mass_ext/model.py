@@ -20,7 +20,7 @@ from .nn import RoutedLinear, _RouteState, default_rank
 from .routing import Routing
 
 FORMAT_VERSION = 1
-FIRST_PASSES = ("pretrained", "tsvm")
+FIRST_PASSES = ("pretrained", "tsvm", "per_layer")
 POOLINGS = ("cls", "mean")
 MODES = ("two_pass", "per_layer")
 
@@ -95,11 +95,17 @@ class MASS(nn.Module):
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
         self._state = _RouteState()
+        self._bind_layers()
+        self.routing: Optional[Routing] = None
+
+    def _bind_layers(self) -> None:
+        """Points every routed layer at this wrapper's routing state and options. Called
+        on every pass: another MASS over the same model (other router settings) may have
+        taken the layers since, and top_k etc. may have been changed on this one."""
         for layer in self.routed.values():
             layer.state = self._state
             layer.top_k, layer.temperature, layer.threshold, layer.weighting = (
-                top_k, temperature, threshold, weighting)
-        self.routing: Optional[Routing] = None
+                self.top_k, self.temperature, self.threshold, self.weighting)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -118,8 +124,10 @@ class MASS(nn.Module):
         or buffer that differs (biases, norms, embeddings) is averaged over the tasks.
         first_pass: weights of the routing pass, "pretrained" (default: the base model,
         no extra compute or storage, and the features MASS routes on are the base
-        model's) or "tsvm" (the TSV-M merge: all tasks' blocks summed, with decorrelated
-        factors recommended).
+        model's), "tsvm" (the TSV-M merge: all tasks' blocks summed, with decorrelated
+        factors recommended) or "per_layer" (every routed layer below the router routes
+        each of its rows itself, as in per-layer mode: the router sees features already
+        adapted towards each sample's tasks; pass 1 costs routed layers, not base ones).
         """
         from tqdm.auto import tqdm
 
@@ -189,6 +197,7 @@ class MASS(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, *args, **kwargs):
+        self._bind_layers()
         if self.mode == "per_layer":
             self._state.mode = "self"
             with self._capture_router_inputs(early_exit=False) as captured:
@@ -203,6 +212,7 @@ class MASS(nn.Module):
         """Pass 2 only: every routed layer applies `routing` (indices/weights (B, k), one
         row per sample, e.g. from `route`, or known task ids with weight 1) to all rows of
         its sample, in one batched pass whatever mix of tasks the batch holds."""
+        self._bind_layers()
         self._state.mode, self._state.indices, self._state.weights = (
             "prerouted", routing.indices, routing.weights)
         try:
@@ -224,6 +234,7 @@ class MASS(nn.Module):
         """Pass 1 up to the (last) router layer: the pooled input of each router layer,
         (B, d_in) per layer, in `router_layers` order. With `router_bases` and
         `route_features` it gives `route`'s decision for any top_k or threshold."""
+        self._bind_layers()
         with self._capture_router_inputs(early_exit=True) as captured:
             self._first_pass_state(args, kwargs)
             try:
@@ -277,8 +288,8 @@ class MASS(nn.Module):
         return self._router_bases
 
     def _first_pass_state(self, args, kwargs) -> None:
-        if self.first_pass == "pretrained":
-            self._state.mode = "base"
+        if self.first_pass in ("pretrained", "per_layer"):
+            self._state.mode = "base" if self.first_pass == "pretrained" else "self"
             return
         # TSV-M: every task's block, scaled, for every sample (batch size from the input).
         first = next(iter(args), None)

@@ -15,7 +15,10 @@ if missing:  # e.g. the CUDA build check's venv, which has the op's test tools o
     pytest.skip(f"the experiment needs {missing} (pip install -r requirements.txt)",
                 allow_module_level=True)
 
+from mass_ext import MASS
+
 from benchmarks.accuracy import experts as E
+from benchmarks.accuracy import methods as M
 from benchmarks.accuracy import run as R
 from benchmarks.accuracy import tasks as D
 
@@ -109,3 +112,19 @@ def test_quick_run_produces_every_method_and_agrees_with_the_reference(quick, tm
         json.dumps(result["rows"]))
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     assert "| MASS two-pass top-1 (mass_ext) | routed |" in (tmp_path / "accuracy.md").read_text()
+
+
+@pytest.mark.parametrize("first_pass", ["pretrained", "per_layer"])
+def test_the_reference_routes_every_sample_as_mass_ext_does(quick, first_pass):
+    cache, base, tokenizer, tasks, experts = quick
+    built = R.build_mass(base, tasks, [e.encoder_state for e in experts], QUICK, cache)
+    mm = MASS(built.model, built.task_names, pooling="mean", first_pass=first_pass,
+              router_layer=[f"encoder.layer.{i}.attention.output.dense" for i in (1, 3)])
+    stream = M.make_stream(tasks, "test", tokenizer, batch_size=8)
+    heads = [e.head for e in experts]
+    ours = M.evaluate_mass_two_pass(stream, mm, heads, 1, 0.0, "max_prob")[0]
+    theirs = M.evaluate(stream, M.reference_two_pass(mm, heads, 1, "max_prob"))
+    assert torch.equal(torch.cat(ours.routing), torch.cat(theirs.routing))
+    assert torch.equal(ours.task, theirs.task)
+    # Predictions: the same up to float rounding (fused op vs materialised weights).
+    assert (ours.prediction == theirs.prediction).float().mean() >= 0.9

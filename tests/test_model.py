@@ -170,6 +170,44 @@ def test_tsvm_first_pass_routes_the_same_separable_inputs(experts):
     assert routing.indices.shape == (len(labels), 1)
 
 
+def test_per_layer_first_pass_routes_on_features_of_the_routed_layers_below(experts, tmp_path):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="2", first_pass="per_layer",
+                             progress=False)
+    x, _ = task_inputs(subspaces, 4)
+    below = mm.routed["0"]
+    expected = torch.tanh(mass_ext.routed_linear(x, below.weight, below.bias, below.U, below.S,
+                                                 below.V, below.top_k))
+    with torch.no_grad():
+        (features,) = mm.router_inputs(x)
+        routing = mm.route(x)
+    assert torch.equal(features, expected)
+    assert torch.equal(routing.indices, mass_ext.route(expected, mm.routed["2"].V).indices)
+    path = tmp_path / "per_layer_first_pass.safetensors"
+    mm.save(path)
+    loaded = MASS.load(path, copy.deepcopy(base))
+    assert loaded.first_pass == "per_layer"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), mm(x))
+
+
+def test_two_wrappers_over_one_model_each_route_with_their_own_settings(experts):
+    """A second MASS over the same model (other router settings) takes the layers' routing
+    state; the first still routes, runs and follows later option changes correctly."""
+    base, finetuned, subspaces = experts
+    first = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    alone = copy.deepcopy(first)
+    second = MASS(first.model, first.task_names, router_layer="2", top_k=2)
+    x, labels = task_inputs(subspaces, 3)
+    with torch.no_grad():
+        assert torch.equal(first(x), alone(x))
+        second(x)
+        first.top_k = alone.top_k = 2
+        first.mode = alone.mode = "per_layer"
+        assert torch.equal(first(x), alone(x))
+    assert first.routing.indices.shape == (len(labels), 2)
+
+
 def test_save_load_round_trip_is_exact(experts, tmp_path):
     base, finetuned, subspaces = experts
     mm = MASS.from_finetuned(base, finetuned, router_layer="0", top_k=2, weighting="softmax",

@@ -281,11 +281,29 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
     """The paper's reference implementation of MASS inference, in plain PyTorch: pass 1 on
     the plain model with explicit residuals (mass_ext.reference), then samples grouped by
     their selected task set, one merged model materialised per group (TSV-M over the
-    selected tasks' blocks) and each group run through its own copy."""
+    selected tasks' blocks) and each group run through its own copy. With a per-layer
+    first pass, pass 1 runs every Linear through mass_ext.reference.routed_linear (each
+    row routed by its own layer) instead of the plain weights."""
+    if mm.first_pass not in ("pretrained", "per_layer"):
+        raise ValueError(f"the reference covers the pretrained and per_layer first passes, "
+                         f"got {mm.first_pass!r}")
     plain = plain_copy(mm)
     layers = {name: (layer.weight.detach(), layer.U.double(), layer.S.double(), layer.V.double())
               for name, layer in mm.routed.items()}
     router_layers = mm.router_layers
+    if mm.first_pass == "per_layer":
+        def self_routed(layer):
+            def hook(module, inputs, _output):
+                return mass_ext.reference.routed_linear(
+                    inputs[0], module.weight, module.bias, layer.U, layer.S, layer.V,
+                    mm.top_k, temperature=mm.temperature, threshold=mm.threshold,
+                    weighting=mm.weighting)
+            return hook
+        first_pass = plain_copy(mm)
+        for name, layer in mm.routed.items():
+            first_pass.get_submodule(name).register_forward_hook(self_routed(layer))
+    else:
+        first_pass = plain
 
     class Stop(Exception):
         pass
@@ -303,9 +321,10 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
                     raise Stop
             return hook
 
-        hooks = [plain.get_submodule(n).register_forward_pre_hook(capture(n)) for n in router_layers]
+        hooks = [first_pass.get_submodule(n).register_forward_pre_hook(capture(n))
+                 for n in router_layers]
         try:
-            plain(**batch.inputs)
+            first_pass(**batch.inputs)
         except Stop:
             pass
         finally:

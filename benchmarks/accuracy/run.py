@@ -1,11 +1,11 @@
 """The main job: MASS on a real model with real data, task identity unknown at inference.
 
 Fine-tunes all-MiniLM-L6-v2 separately on five text-classification tasks (cached), builds
-MASS from the experts, chooses the router (layers, pooling), top-k, threshold and head rule
-on the validation split only, and compares on the test split: the experts themselves,
-the base encoder, static merges (weight averaging, task arithmetic, TSV-M), MASS two-pass
-(top-1 and top-k) and per-layer through mass_ext, and the reference MASS second pass.
-Prints the table and writes accuracy.{json,md,png} (and the README table).
+MASS from the experts, chooses the router (first pass, layers, pooling), top-k, threshold
+and head rule on the validation split only, and compares on the test split: the experts
+themselves, the base encoder, static merges (weight averaging, task arithmetic, TSV-M),
+MASS two-pass (top-1 and top-k) and per-layer through mass_ext, and the reference MASS
+second pass. Prints the table and writes accuracy.{json,md,png} (and the README table).
 
     python -m benchmarks.accuracy.run            # the full experiment (~12 min cold, <5 cached)
     python -m benchmarks.accuracy.run --quick    # 2 tasks, tiny splits: a smoke run
@@ -69,36 +69,43 @@ def router_candidates(names: List[str]) -> List[List[str]]:
 
 
 @torch.no_grad()
-def choose_router(mm: MASS, val: M.Stream):
-    """(router layers, pooling, validation task-ID accuracy) maximising task
-    identification on validation; ties go to fewer layers, then an earlier exit."""
+def choose_router(mm: MASS, val: M.Stream) -> Dict[str, tuple]:
+    """Per first pass, the (router layers, pooling, validation task-ID accuracy) that
+    identify tasks best on validation; ties go to fewer layers, then an earlier exit.
+    The first passes compared: the base model (the paper's) and per-layer MASS (the
+    layers below the router already routed); "tsvm" is left out, its summed blocks are
+    not decorrelated in this bundle."""
     names = list(mm.routed)
     poolings = ("mean", "cls")
 
     def both_poolings(x, kwargs):  # one pass 1 gives every layer's input pooled both ways
         return torch.stack([M.mean_pool(x, kwargs["attention_mask"]), x[:, 0]])
 
-    probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=both_poolings)
-    per_layer = {(p, n): [] for p in poolings for n in names}
-    for batch in val.batches:
-        for pooled, name in zip(probe.router_inputs(**batch.inputs), names):
-            for x, pooling in zip(pooled, poolings):
-                residuals = mass_ext.route(x, mm.routed[name].V).residuals
-                per_layer[pooling, name].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
-    fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
-    order = {n: i for i, n in enumerate(names)}
-    scored = []
-    for pooling, by_layer in fractions.items():
-        for layers in router_candidates(names):
-            total = sum(by_layer[n] for n in layers)
-            accuracy = (total.argmin(-1) == val.tasks).float().mean().item()
-            scored.append((accuracy, -len(layers), -order[layers[-1]], pooling, layers))
-    scored.sort(reverse=True)
-    log("router candidates (validation task-ID accuracy), best 5:")
-    for accuracy, _, _, pooling, layers in scored[:5]:
-        log(f"  {accuracy:.3f}  pooling={pooling}  {layers}")
-    accuracy, _, _, pooling, layers = scored[0]
-    return layers, pooling, accuracy
+    best = {}
+    for first_pass in ("pretrained", "per_layer"):
+        probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=both_poolings,
+                     first_pass=first_pass)
+        per_layer = {(p, n): [] for p in poolings for n in names}
+        for batch in val.batches:
+            for pooled, name in zip(probe.router_inputs(**batch.inputs), names):
+                for x, pooling in zip(pooled, poolings):
+                    residuals = mass_ext.route(x, mm.routed[name].V).residuals
+                    per_layer[pooling, name].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
+        fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
+        order = {n: i for i, n in enumerate(names)}
+        scored = []
+        for pooling, by_layer in fractions.items():
+            for layers in router_candidates(names):
+                total = sum(by_layer[n] for n in layers)
+                accuracy = (total.argmin(-1) == val.tasks).float().mean().item()
+                scored.append((accuracy, -len(layers), -order[layers[-1]], pooling, layers))
+        scored.sort(reverse=True)
+        log(f"router candidates, first pass {first_pass} (validation task-ID accuracy), best 3:")
+        for accuracy, _, _, pooling, layers in scored[:3]:
+            log(f"  {accuracy:.3f}  pooling={pooling}  {layers}")
+        accuracy, _, _, pooling, layers = scored[0]
+        best[first_pass] = (layers, pooling, accuracy)
+    return best
 
 
 @torch.no_grad()
@@ -183,9 +190,19 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     test = M.make_stream(tasks, "test", tokenizer)
 
     built = build_mass(base, tasks, states, recipe, cache)
-    layers, pooling, val_task_id = choose_router(built, val)
-    mm = MASS(built.model, built.task_names, router_layer=layers if len(layers) > 1 else layers[0],
-              pooling=pooling)
+    routers = choose_router(built, val)
+    # The best first pass on validation; a tie goes to the base model (a cheaper pass 1).
+    first_pass = max(routers, key=lambda fp: (routers[fp][2], fp == "pretrained"))
+    layers, pooling, val_task_id = routers[first_pass]
+    log(f"router chosen on validation: first pass {first_pass}, pooling {pooling}, {layers} "
+        f"(task ID {val_task_id:.3f})")
+
+    def mass_with(first_pass: str) -> MASS:
+        layers, pooling, _ = routers[first_pass]
+        return MASS(built.model, built.task_names, pooling=pooling, first_pass=first_pass,
+                    router_layer=layers if len(layers) > 1 else layers[0])
+
+    mm = mass_with(first_pass)
     top_k, threshold, rule = choose_routing(mm, heads, val, expert_val)
     vector_sum = M.task_vector_sum(base, states)
     lam = choose_lambda(base, vector_sum, heads, val, expert_val, rule)
@@ -225,7 +242,12 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     size = parameter_count(mm.model) / parameter_count(base)
     two_pass = M.evaluate_mass_two_pass(test, mm, heads, top_k, threshold, rule)
     top1 = two_pass[0]
-    add("MASS two-pass top-1 (mass_ext)", "routed", top1, storage=size)
+    add("MASS two-pass top-1 (mass_ext)", "routed", top1, storage=size,
+        note=f"first pass: {first_pass}")
+    if first_pass != "pretrained":
+        add("MASS two-pass top-1, base-model first pass (mass_ext)", "routed",
+            M.evaluate_mass_two_pass(test, mass_with("pretrained"), heads, 1, 0.0, rule)[0],
+            storage=size, note="the paper's first pass, its own best router on validation")
     if top_k > 1:
         add(f"MASS two-pass top-{top_k}, threshold {threshold} (mass_ext)", f"{rule} of selected",
             two_pass[-1], storage=size)
@@ -250,7 +272,9 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
                    "test": len(t.test)} for t in tasks],
         "experts": [{"task": e.task.name, "val_accuracy": e.val_accuracy,
                      "train_seconds": e.train_seconds} for e in experts],
-        "choices": {"router_layer": layers, "pooling": pooling, "val_task_id": val_task_id,
+        "choices": {"first_pass": first_pass, "router_layer": layers, "pooling": pooling,
+                    "val_task_id": val_task_id,
+                    "val_task_id_by_first_pass": {fp: r[2] for fp, r in routers.items()},
                     "top_k": top_k, "threshold": threshold, "head_rule": rule,
                     "task_arithmetic_lambda": lam},
         "routing_agreement_with_reference": agreement,
@@ -278,8 +302,10 @@ def table(result: dict) -> str:
         f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
         f"commit {m['commit']}; {result['seconds'] / 60:.1f} min in all. Accuracy (normalized "
         "to the experts'); task identity unknown except where the head column says oracle. "
-        f"Chosen on validation: router {c['router_layer']} ({c['pooling']} pooling, "
-        f"task ID {c['val_task_id']:.3f}), top_k {c['top_k']}, threshold {c['threshold']}, "
+        f"Chosen on validation: first pass {c['first_pass']} (validation task ID by first "
+        "pass: " + ", ".join(f"{fp} {a:.3f}" for fp, a in c["val_task_id_by_first_pass"].items())
+        + f"), router {c['router_layer']} ({c['pooling']} pooling), "
+        f"top_k {c['top_k']}, threshold {c['threshold']}, "
         f"head rule {c['head_rule']}, task arithmetic lambda {c['task_arithmetic_lambda']}. "
         f"mass_ext and the reference agree on {result['routing_agreement_with_reference']:.2%} "
         "of routing decisions. Storage: encoder parameters relative to one model (heads "
