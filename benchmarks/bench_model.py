@@ -5,7 +5,8 @@ Experts: T copies of the encoder whose Linear weights moved by a random perturba
 about 1% of their norm (what fine-tuning did in ../shared/DATA.md); their values do not
 matter for latency. The batch (64 texts of 64 tokens) mixes the T tasks evenly: every
 provider applies the same routing, with top_k = 1 sample i -> task i % T, with top_k = 2
-sample i -> the (i mod C(T, 2))-th pair of tasks (weights 1, MASS's default "uniform").
+sample i -> the (i mod C(T, 2))-th pair of tasks, with weights 1 (MASS's default
+"uniform") or, as weighting="softmax" gives, weights that differ per sample.
 
 Providers, taking turns every round:
   base        one forward of the plain base model
@@ -14,7 +15,8 @@ Providers, taking turns every round:
   reference   the reference MASS second pass: the same pass 1, then per group of samples
               with the same task set (and weights), materialise W0 + sum_t w_t U_t S_t V_t
               in every routed layer of a model copy and run the group through it. With
-              top-1 there are T groups; with top-2 up to C(T, 2) smaller ones.
+              top-1 there are T groups; with top-2 up to C(T, 2) smaller ones; with
+              per-sample weights one group per sample.
 
 Writes benchmarks/results/model.json and model.md.
 
@@ -90,15 +92,22 @@ class GroupedReference:
         return out
 
 
-def mixed_routing(batch: int, T: int, top_k: int) -> mass_ext.Routing:
-    """Every task set of size top_k in turn, sample by sample, with weight 1."""
+def mixed_routing(batch: int, T: int, top_k: int, weighting: str = "uniform") -> mass_ext.Routing:
+    """Every task set of size top_k in turn, sample by sample, with weight 1 ("uniform"),
+    or ("softmax") weights that differ from sample to sample and sum to 1, as
+    weighting="softmax" gives: then every sample is a group of its own for the reference."""
     sets = torch.tensor(list(itertools.combinations(range(T), top_k)))
     indices = sets[torch.arange(batch) % len(sets)]
-    return mass_ext.Routing(indices, torch.ones(batch, top_k), torch.zeros(batch, T))
+    if weighting == "uniform":
+        weights = torch.ones(batch, top_k)
+    else:
+        first = torch.linspace(0.55, 0.95, batch)
+        weights = torch.stack([first, *[(1 - first) / (top_k - 1)] * (top_k - 1)], dim=-1)
+    return mass_ext.Routing(indices, weights, torch.zeros(batch, T))
 
 
 def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
-        top_ks=(1, 2)) -> dict:
+        cases=((1, "uniform"), (2, "uniform"), (2, "softmax"))) -> dict:
     torch.manual_seed(0)
     base = load_minilm()
     built = mass_ext.MASS.from_finetuned(base, synthetic_experts(base, T),
@@ -108,12 +117,12 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
     ids = torch.randint(1000, base.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
     rows = []
-    for top_k in top_ks:
+    for top_k, weighting in cases:
         # The same routed model; pass 1 selects top_k tasks per sample.
         mm = mass_ext.MASS(built.model, built.task_names, router_layer=ROUTER_LAYER,
-                           pooling="mean", top_k=top_k).eval()
+                           pooling="mean", top_k=top_k, weighting=weighting).eval()
         reference = GroupedReference(mm, base)
-        mixed = mixed_routing(batch, T, top_k)
+        mixed = mixed_routing(batch, T, top_k, weighting)
 
         def mass_two_pass():
             mm.route(input_ids=ids, attention_mask=mask)
@@ -130,9 +139,11 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
                 {"base": lambda: base(input_ids=ids, attention_mask=mask),
                  "mass": mass_two_pass, "reference": reference_two_pass},
                 rounds, min_run_time)
-        task_sets = len({tuple(row) for row in mixed.indices.tolist()})
+        groups = len({(tuple(i), tuple(w)) for i, w in zip(mixed.indices.tolist(),
+                                                           mixed.weights.tolist())})
         rows.append({
-            "model": "all-MiniLM-L6-v2", "T": T, "top_k": top_k, "task_sets": task_sets,
+            "model": "all-MiniLM-L6-v2", "T": T, "top_k": top_k, "weighting": weighting,
+            "groups": groups,
             "batch": batch, "length": length, "router_layer": ROUTER_LAYER,
             "routed_layers": len(mm.routed), "rank": sorted({m.rank for m in mm.routed.values()}),
             "rounds": rounds,
@@ -152,14 +163,15 @@ def markdown(result: dict) -> str:
         f"{m['torch']}, commit {m['commit']}, {result['date']} (`python benchmarks/bench_model.py`). "
         "Medians over rounds of per-round time ratios (range in brackets).",
         "",
-        "| top-k | task sets in the batch | two-pass MASS / base forward "
+        "| top-k | weights | groups (task set and weights) in the batch "
+        "| two-pass MASS / base forward "
         "| reference (grouped, materialised) / two-pass MASS | base | MASS | reference |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         r = row["ratios"]
         lines.append(
-            f"| {row['top_k']} | {row['task_sets']} "
+            f"| {row['top_k']} | {row['weighting']} | {row['groups']} "
             f"| {r['mass/base']['median']:.2f} [{r['mass/base']['min']:.2f}-{r['mass/base']['max']:.2f}] "
             f"| {r['reference/mass']['median']:.2f} [{r['reference/mass']['min']:.2f}-"
             f"{r['reference/mass']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
