@@ -101,7 +101,8 @@ class MASS(nn.Module):
     def _bind_layers(self) -> None:
         """Points every routed layer at this wrapper's routing state and options. Called
         on every pass: another MASS over the same model (other router settings) may have
-        taken the layers since, and top_k etc. may have been changed on this one."""
+        taken the layers since (so two wrappers over one model must not run at the same
+        time), and top_k etc. may have been changed on this one."""
         for layer in self.routed.values():
             layer.state = self._state
             layer.top_k, layer.temperature, layer.threshold, layer.weighting = (
@@ -288,8 +289,11 @@ class MASS(nn.Module):
         return self._router_bases
 
     def _first_pass_state(self, args, kwargs) -> None:
-        if self.first_pass in ("pretrained", "per_layer"):
-            self._state.mode = "base" if self.first_pass == "pretrained" else "self"
+        if self.first_pass == "pretrained":
+            self._state.mode = "base"
+            return
+        if self.first_pass == "per_layer":
+            self._state.mode = "self"  # every routed layer routes its own rows
             return
         # TSV-M: every task's block, scaled, for every sample (batch size from the input).
         first = next(iter(args), None)
