@@ -9,7 +9,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
 .venv/bin/python -m pip install --quiet -r requirements.txt
-# --no-build-isolation: build against the torch just installed (an isolated build would
-# fetch another torch and produce an extension that does not load with this one).
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --quiet --no-build-isolation -e .
+# Rebuild only when needed (a full build takes over a minute): no extension, one that no
+# longer loads (e.g. another torch), or a source newer than it. MASS_EXT_REBUILD=1 forces it.
+built=$(ls mass_ext/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "${MASS_EXT_REBUILD:-}" ] && [ -n "$built" ] \
+   && [ -z "$(find csrc setup.py -newer "$built" -print -quit)" ] \
+   && .venv/bin/python -m pip show --quiet mass_ext >/dev/null 2>&1 \
+   && .venv/bin/python -c "import mass_ext._C" >/dev/null 2>&1; then
+  echo "mass_ext: extension up to date ($built)"
+else
+  # --no-build-isolation: build against the torch just installed (an isolated build would
+  # fetch another torch and produce an extension that does not load with this one).
+  MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install --quiet --no-build-isolation -e .
+fi
 .venv/bin/python -c "import mass_ext, torch; print('mass_ext backend:', mass_ext.backend(), '| torch', torch.__version__)"

@@ -282,8 +282,8 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
     the plain model with explicit residuals (mass_ext.reference), then samples grouped by
     their selected task set, one merged model materialised per group (TSV-M over the
     selected tasks' blocks) and each group run through its own copy. With a per-layer
-    first pass, pass 1 runs every Linear through mass_ext.reference.routed_linear (each
-    row routed by its own layer) instead of the plain weights."""
+    first pass, pass 1 runs every Linear as mass_ext.reference.per_task_loop (each row
+    routed by its own layer with explicit residuals, then one masked update per task)."""
     if mm.first_pass not in ("pretrained", "per_layer"):
         raise ValueError(f"the reference covers the pretrained and per_layer first passes, "
                          f"got {mm.first_pass!r}")
@@ -294,7 +294,7 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
     if mm.first_pass == "per_layer":
         def self_routed(layer):
             def hook(module, inputs, _output):
-                return mass_ext.reference.routed_linear(
+                return mass_ext.reference.per_task_loop(
                     inputs[0], module.weight, module.bias, layer.U, layer.S, layer.V,
                     mm.top_k, temperature=mm.temperature, threshold=mm.threshold,
                     weighting=mm.weighting)
