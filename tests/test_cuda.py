@@ -271,6 +271,55 @@ def test_scaled_rows_route_like_unscaled(scale, path):
     torch.testing.assert_close(scaled.residuals / scale, plain.residuals, rtol=1e-5, atol=0)
 
 
+def test_float16_update_beyond_float16_range_stays_finite(path):
+    """w * S * z above float16's 65504 for a finite row whose output fits float16: every
+    path keeps that product in float32 (the large-N path once rounded it to float16: inf)."""
+    N, d, r = 70, 8, 2
+    x = torch.zeros(N, d, dtype=torch.float16)
+    x[:, 0] = 60000.0
+    W = torch.zeros(d, d, dtype=torch.float16)
+    V = torch.eye(d, dtype=torch.float16)[:r].unsqueeze(0)        # (1, r, d): orthonormal rows
+    S = torch.tensor([[2.0, 1.0]], dtype=torch.float16)           # w * S * z = 120000
+    U = 0.5 * torch.eye(d, dtype=torch.float16)[:, :r].unsqueeze(0)
+    want = mass_ext.routed_linear(x, W, None, U, S, V)             # CPU: float32 accumulation
+    assert torch.equal(want[:, 0], x[:, 0])
+    got = mass_ext.routed_linear(*(to_cuda(t) for t in (x, W)), None,
+                                 *(to_cuda(t) for t in (U, S, V)))
+    assert torch.equal(got.cpu(), want)
+    indices = torch.zeros(N, 1, dtype=torch.long)
+    got = mass_ext.routed_linear(*(to_cuda(t) for t in (x, W)), None,
+                                 *(to_cuda(t) for t in (U, S, V)),
+                                 indices=to_cuda(indices), weights=to_cuda(torch.ones(N, 1)))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_routing_ignores_tf32(path):
+    """With TF32 matmuls allowed (a common global setting), float32 projections stay
+    strict float32: rows whose two best tasks are 1e-4 apart route as on the CPU (TF32's
+    ~5e-4 input rounding would flip some of them)."""
+    N, d, r = 256, 64, 4
+    g = generator(60)
+    V = torch.eye(d)[: 2 * r].reshape(2, r, d)                     # task 0: e0..e3, task 1: e4..e7
+    a = 0.5 + torch.rand(N, generator=g)
+    x = torch.randn(N, d, generator=g) * 0.05
+    x[:, : 2 * r] = 0
+    x[:, 0] = a
+    x[:, r] = a * (1 + 1e-4 * torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0))
+    want = mass_ext.route(x, V)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = mass_ext.route(to_cuda(x), to_cuda(V))
+        out, indices, _ = OPS.routed_linear(to_cuda(x), torch.zeros(3, d, device=DEV), None,
+                                            torch.zeros(2, 3, r, device=DEV),
+                                            torch.ones(2, r, device=DEV), to_cuda(V), 1, 1.0,
+                                            0.0, "uniform")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert torch.equal(got.indices.cpu(), want.indices)
+    assert torch.equal(indices.cpu(), want.indices)
+
+
 # ------------------------------------------------------------------------ autograd
 
 def test_gradients_match_reference(path):

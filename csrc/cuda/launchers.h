@@ -38,9 +38,9 @@ void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, in
 void shrink(const at::Tensor& rows, const at::Tensor& V, const at::Tensor& S,
             const at::Tensor& indices, const at::Tensor& weights, at::Tensor& h);
 
-// Dense over tasks: H[n, t*r + q] = (z[n, t*r + q] * S[t, q]) * c[n, t] in the dtype of S,
-// c[n, t] = sum of the weights of the kept slots of row n selecting t; exactly 0 where no
-// slot selects t. indices / weights (N, k) contiguous.
+// Dense over tasks: H[n, t*r + q] = (z[n, t*r + q] * S[t, q]) * c[n, t] in H's dtype (S's,
+// or float32), c[n, t] = sum of the weights of the kept slots of row n selecting t;
+// exactly 0 where no slot selects t. indices / weights (N, k) contiguous.
 void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices,
              const at::Tensor& weights, at::Tensor& H);
 

@@ -5,10 +5,11 @@
 //   once (`project`, N <= kProjectMaxRows; cuBLAS above), routing writes the scaled
 //   projections h of the kept slots, and the expand reads only the selected tasks' U_t.
 //   Pre-routed: the shrink reads only the selected tasks' V_t.
-// * large N: compute-bound. x W^T and x V_stacked^T are cuBLAS GEMMs with float32 output;
-//   routing is one kernel; the expand is one more GEMM, H (N, T*r) x U as (T*r, d_out),
-//   with H = w * S * z for the selected tasks and 0 elsewhere (dense over the tasks: T/k
-//   times the expand's own FLOPs, but on tensor cores and with no data-dependent sizes).
+// * large N: compute-bound. x W^T and x V_stacked^T are cuBLAS GEMMs with float32 output
+//   (x V_stacked^T never in TF32); routing is one kernel; the expand is one more GEMM,
+//   H (N, T*r) x U as (T*r, d_out), with H = w * S * z for the selected tasks and 0
+//   elsewhere (dense over the tasks: T/k times the expand's own FLOPs, but on tensor cores
+//   and with no data-dependent sizes; float16 keeps H in float32, beyond its range).
 //
 // Every path works for any d_in, d_out, r, T, k and layout; no host synchronisation, no
 // grid sized from data. MASS_EXT_CUDA_PROJECT_MAX_ROWS / MASS_EXT_CUDA_SELECTED_MAX_ROWS
@@ -16,10 +17,12 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <limits>
 
 #include "checks.h"
 #include "cuda/launchers.h"
@@ -55,6 +58,32 @@ at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b);
 }
 
+// z = rows Vs^T for float32 in strict float32, never TF32 whatever torch's matmul
+// precision: the residual sqrt(||x||^2 - ||z||^2) cancels, so TF32's ~1e-3 relative error
+// in z would route rows unlike the CPU kernel and the small-N `project` path.
+at::Tensor projections_fp32(at::Tensor rows, at::Tensor Vs) {
+  const int64_t N = rows.size(0), TR = Vs.size(0), d = rows.size(1);
+  at::Tensor z = at::empty({N, TR}, rows.options());
+  if (N == 0 || TR == 0) return z;
+  if (d == 0) return z.zero_();
+  // cuBLAS wants unit inner strides and leading dimensions >= d (x may have row stride 0).
+  if (rows.stride(1) != 1 || rows.stride(0) < d) rows = rows.contiguous();
+  if (Vs.stride(1) != 1 || Vs.stride(0) < d) Vs = Vs.contiguous();
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (N > kMax || TR > kMax || d > kMax || rows.stride(0) > kMax || Vs.stride(0) > kMax) {
+    return at::mm(rows, Vs.t()).contiguous();  // beyond cuBLAS's 32-bit sizes
+  }
+  // Row-major z (N, TR) is column-major z^T (TR, N) = Vs (TR, d) . rows^T (d, N).
+  const float alpha = 1.0f, beta = 0.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(TR),
+      static_cast<int>(N), static_cast<int>(d), &alpha, Vs.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(Vs.stride(0)), rows.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(rows.stride(0)), &beta, z.mutable_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(TR), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+  return z;
+}
+
 // V as (T * r, d_in) rows with a unit inner stride (a view when V allows it).
 at::Tensor stacked(const at::Tensor& V) {
   at::Tensor Vs = V.reshape({V.size(0) * V.size(1), V.size(2)});
@@ -80,7 +109,10 @@ std::pair<at::Tensor, at::Tensor> dense_part(const at::Tensor& rows, const at::T
   } else {
     // The kernels below index the results as contiguous rows.
     if (want_base) base = mm_acc(rows, weight.t()).contiguous();
-    if (want_z) z = mm_acc(rows, stacked(V).t()).contiguous();
+    if (want_z) {
+      z = rows.scalar_type() == at::kFloat ? projections_fp32(rows, stacked(V))
+                                           : mm_acc(rows, stacked(V).t()).contiguous();
+    }
   }
   return {base, z};
 }
@@ -102,9 +134,14 @@ at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Ten
   if (h.defined()) {
     adds = expand_selected(h, indices, U);
   } else {
-    at::Tensor H = at::empty(z.sizes(), z.options().dtype(dtype));
+    // A float16 H would overflow (above 65504) where w * S * z is finite, which the other
+    // paths keep in float32: float16 keeps H and the expand GEMM in float32 (U is small:
+    // one conversion). bfloat16 has float32's range, so its H stays 16-bit (tensor cores).
+    const auto h_dtype = dtype == at::kHalf ? at::kFloat : dtype;
+    at::Tensor H = at::empty(z.sizes(), z.options().dtype(h_dtype));
     dense_h(z, S, indices, weights, H);
-    adds = mm_acc(H, expand_matrix(U)).contiguous().unsqueeze(0);
+    const at::Tensor Ue = expand_matrix(U);
+    adds = mm_acc(H, h_dtype == dtype ? Ue : Ue.to(h_dtype)).contiguous().unsqueeze(0);
   }
   finalize(base, bias, adds, out);
   return out;

@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/launchers.h"
@@ -134,13 +135,13 @@ __global__ void __launch_bounds__(kShrinkWarps * kWarp) shrink_kernel(
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename h_t>
 __global__ void dense_h_kernel(
     const acc_t* __restrict__ z,                                           // [N, T * r]
     const scalar_t* __restrict__ S, int64_t S_stride0, int64_t S_stride1,  // [T, r]
     const int64_t* __restrict__ indices, const acc_t* __restrict__ weights,  // [N, k]
     int64_t total, int64_t T, int64_t r, int64_t k,
-    scalar_t* __restrict__ H) {                                            // [N, T * r]
+    h_t* __restrict__ H) {                                                 // [N, T * r]
   const int64_t row_len = T * r;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -156,8 +157,8 @@ __global__ void dense_h_kernel(
       }
     }
     // Unselected tasks give exactly 0 (not 0 * z: z may be inf in a row past float range).
-    H[e] = selected ? static_cast<scalar_t>(z[e] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) * c)
-                    : static_cast<scalar_t>(0);
+    H[e] = selected ? static_cast<h_t>(z[e] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) * c)
+                    : static_cast<h_t>(0);
   }
 }
 
@@ -211,13 +212,24 @@ void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices
   if (total == 0) return;
   constexpr int kThreads = 256;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  MASS_EXT_DISPATCH(H.scalar_type(), "mass_ext_dense_h", [&] {
+  TORCH_CHECK(H.scalar_type() == S.scalar_type() || H.scalar_type() == at::kFloat,
+              "dense_h: H must have S's dtype or float32, got ", H.scalar_type());
+  MASS_EXT_DISPATCH(S.scalar_type(), "mass_ext_dense_h", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dense_h_kernel<scalar_t, acc_t><<<grid_for(total, kThreads, 1 << 16), kThreads, 0, stream>>>(
-        z.const_data_ptr<acc_t>(), S.const_data_ptr<scalar_t>(), S.stride(0), S.stride(1),
-        indices.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(), total, T, r, k,
-        H.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto* H_data) {
+      using h_t = std::remove_pointer_t<decltype(H_data)>;
+      dense_h_kernel<scalar_t, acc_t, h_t>
+          <<<grid_for(total, kThreads, 1 << 16), kThreads, 0, stream>>>(
+              z.const_data_ptr<acc_t>(), S.const_data_ptr<scalar_t>(), S.stride(0), S.stride(1),
+              indices.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(), total, T, r,
+              k, H_data);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (H.scalar_type() == S.scalar_type()) {
+      launch(H.mutable_data_ptr<scalar_t>());
+    } else {
+      launch(H.mutable_data_ptr<float>());  // float16's H, kept in float32
+    }
   });
 }
 
