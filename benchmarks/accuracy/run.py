@@ -294,7 +294,7 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         cells = [f"{a:.3f} ({n:.0%})" for a, n in zip(row["accuracy"], row["normalized"])]
         lines.append(f"| {row['method']} | {row['head']} | " + " | ".join(cells)
-                     + f" | {row['avg_accuracy']:.3f} | **{row['avg_normalized']:.1%}** "
+                     + f" | {row['avg_accuracy']:.3f} | **{row['avg_normalized']:.2%}** "
                      f"| {row['task_id']:.3f} | {row['storage']:.2f}x | {row['latency_ms']:.0f} |")
     c, m = result["choices"], result["machine"]
     lines += [
