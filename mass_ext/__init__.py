@@ -5,7 +5,7 @@ RoutedLinear, MASS, pick_head, route_features, stack_router_bases (the model lev
 """
 import logging
 
-import torch
+import torch  # noqa: F401  (loads libtorch before the extension)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.mass_ext.*)

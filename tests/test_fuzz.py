@@ -43,7 +43,6 @@ from .helpers import (
     assert_routing_self_consistent,
     assert_same_routing,
     check_route_against_reference,
-    check_routing_invariants,
     generator,
     make_layer,
     oracle_and_baseline,
