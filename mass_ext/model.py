@@ -103,10 +103,13 @@ class MASS(nn.Module):
         on every pass: another MASS over the same model (other router settings) may have
         taken the layers since (so two wrappers over one model must not run at the same
         time), and top_k etc. may have been changed on this one."""
+        options = (self.top_k, self.temperature, self.threshold, self.weighting)
         for layer in self.routed.values():
-            layer.state = self._state
-            layer.top_k, layer.temperature, layer.threshold, layer.weighting = (
-                self.top_k, self.temperature, self.threshold, self.weighting)
+            # Reads are cheap, nn.Module's __setattr__ is not: write only what changed.
+            if layer.state is not self._state:
+                layer.state = self._state
+            if (layer.top_k, layer.temperature, layer.threshold, layer.weighting) != options:
+                layer.top_k, layer.temperature, layer.threshold, layer.weighting = options
 
     # ------------------------------------------------------------------ building
     @classmethod

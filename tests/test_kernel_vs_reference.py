@@ -33,8 +33,8 @@ from .cases import (
     prerouted_indices,
 )
 from .helpers import (
-    case_inputs,
     acc_dtype,
+    case_inputs,
     assert_output_matches,
     check_route_against_reference,
     check_routing_invariants,

@@ -68,13 +68,27 @@ def router_candidates(names: List[str]) -> List[List[str]]:
     return candidates
 
 
+def best_router(fractions: Dict[str, Dict[str, torch.Tensor]], names: List[str],
+                val: M.Stream) -> List[tuple]:
+    """Router candidates scored by validation task ID from per-layer residual fractions
+    (fractions[pooling][layer] (N, T)), best first: (accuracy, -layers, -last layer
+    position, pooling, layers), so ties go to fewer layers, then an earlier exit."""
+    order = {n: i for i, n in enumerate(names)}
+    scored = []
+    for pooling, by_layer in fractions.items():
+        for layers in router_candidates(names):
+            total = sum(by_layer[n] for n in layers)
+            accuracy = (total.argmin(-1) == val.tasks).float().mean().item()
+            scored.append((accuracy, -len(layers), -order[layers[-1]], pooling, layers))
+    return sorted(scored, reverse=True)
+
+
 @torch.no_grad()
 def choose_router(mm: MASS, val: M.Stream) -> Dict[str, tuple]:
     """Per first pass, the (router layers, pooling, validation task-ID accuracy) that
-    identify tasks best on validation; ties go to fewer layers, then an earlier exit.
-    The first passes compared: the base model (the paper's) and per-layer MASS (the
-    layers below the router already routed); "tsvm" is left out, its summed blocks are
-    not decorrelated in this bundle."""
+    identify tasks best on validation (`best_router`). The first passes compared: the base
+    model (the paper's) and per-layer MASS (the layers below the router already routed);
+    "tsvm" is left out, its summed blocks are not decorrelated in this bundle."""
     names = list(mm.routed)
     poolings = ("mean", "cls")
 
@@ -92,14 +106,7 @@ def choose_router(mm: MASS, val: M.Stream) -> Dict[str, tuple]:
                     residuals = mass_ext.route(x, mm.routed[name].V).residuals
                     per_layer[pooling, name].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
         fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
-        order = {n: i for i, n in enumerate(names)}
-        scored = []
-        for pooling, by_layer in fractions.items():
-            for layers in router_candidates(names):
-                total = sum(by_layer[n] for n in layers)
-                accuracy = (total.argmin(-1) == val.tasks).float().mean().item()
-                scored.append((accuracy, -len(layers), -order[layers[-1]], pooling, layers))
-        scored.sort(reverse=True)
+        scored = best_router(fractions, names, val)
         log(f"router candidates, first pass {first_pass} (validation task-ID accuracy), best 3:")
         for accuracy, _, _, pooling, layers in scored[:3]:
             log(f"  {accuracy:.3f}  pooling={pooling}  {layers}")
@@ -198,9 +205,10 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
         f"(task ID {val_task_id:.3f})")
 
     def mass_with(first_pass: str) -> MASS:
-        layers, pooling, _ = routers[first_pass]
-        return MASS(built.model, built.task_names, pooling=pooling, first_pass=first_pass,
-                    router_layer=layers if len(layers) > 1 else layers[0])
+        router_layers, router_pooling, _ = routers[first_pass]
+        return MASS(built.model, built.task_names, pooling=router_pooling,
+                    first_pass=first_pass,
+                    router_layer=router_layers if len(router_layers) > 1 else router_layers[0])
 
     mm = mass_with(first_pass)
     top_k, threshold, rule = choose_routing(mm, heads, val, expert_val)
