@@ -8,6 +8,12 @@
 #
 #   bash scripts/cuda_build_check.sh                   # build + checks + CPU tests
 #   bash scripts/cuda_build_check.sh tests/test_backend.py   # arguments go to pytest
+#   MASS_EXT_CUDA_TORCH=2.11.0 bash scripts/cuda_build_check.sh   # against another torch
+#
+# MASS_EXT_CUDA_TORCH picks the torch (a +cu130 wheel; 2.14.1 lies on local disk, others
+# come from PyPI, ~3 GB): the GPU machine has torch 2.11.0, so CI also builds against
+# that one (in .venv-cuda-2.11.0 and build/cuda-2.11.0), and an ATen or torch.library
+# API it lacks fails here instead of on the GPU machine's few minutes.
 #
 # Needs nvcc (CUDA_HOME, default /usr/local/cuda-13.0); exits 0 with a note without it.
 set -euo pipefail
@@ -18,21 +24,25 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   echo "cuda_build_check: no nvcc at $CUDA_HOME/bin/nvcc; skipped"
   exit 0
 fi
-PY=$ROOT/.venv-cuda/bin/python
+TORCH_VERSION=${MASS_EXT_CUDA_TORCH:-2.14.1}
+SUFFIX=$([ "$TORCH_VERSION" = 2.14.1 ] || echo "-$TORCH_VERSION")
+VENV=.venv-cuda$SUFFIX
+PY=$ROOT/$VENV/bin/python
 if [ ! -x "$PY" ]; then
-  "${PYTHON:-python3}" -m venv .venv-cuda
+  "${PYTHON:-python3}" -m venv "$VENV"
 fi
-"$PY" -m pip install --quiet --upgrade pip setuptools wheel
-# torch 2.14.1 is the CUDA 13.0 wheel that lies on local disk here (~5.4 GB installed).
-"$PY" -m pip install --quiet torch==2.14.1 numpy ninja pytest hypothesis expecttest safetensors tqdm
+"$PY" -m pip install --quiet --upgrade pip wheel
+# setuptools in the same install, so pip picks one this torch accepts (2.11: < 82).
+"$PY" -m pip install --quiet "torch==$TORCH_VERSION" setuptools numpy ninja pytest hypothesis expecttest safetensors tqdm
+"$PY" -c "import sys, torch; v = torch.__version__; sys.exit(f'cuda_build_check: torch {v} is not a CUDA build' if not torch.version.cuda else 0)"
 
-COPY=$ROOT/build/cuda
+COPY=$ROOT/build/cuda$SUFFIX
 mkdir -p "$COPY"
 # Tracked files and untracked ones git does not ignore, mtimes kept (incremental build).
 git ls-files -z --cached --others --exclude-standard \
   | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$COPY"
 cd "$COPY"
-echo "cuda_build_check: building with nvcc ($CUDA_HOME) in $COPY ..."
+echo "cuda_build_check: building with nvcc ($CUDA_HOME) against torch $TORCH_VERSION in $COPY ..."
 start=$(date +%s)
 if ! PATH=$CUDA_HOME/bin:$PATH TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace > build_ext.log 2>&1; then
