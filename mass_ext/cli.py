@@ -1,7 +1,7 @@
 """mass-ext: build a MASS bundle from fine-tuned checkpoints, or describe one.
 
     mass-ext build --base MODEL --task NAME=CHECKPOINT [--task ...] --router-layer LAYER \\
-                   [--rank R] [--pooling cls|mean] [--top-k K] ... -o bundle.safetensors
+                   [--rank R] [--pooling cls|mean|tokens] [--top-k K] ... -o bundle.safetensors
     mass-ext info bundle.safetensors
 
 MODEL is a Hugging Face model folder (config.json + weights, loaded offline with
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .model import FIRST_PASSES, MODES
+from .model import FIRST_PASSES, MODES, POOLINGS
 
 
 def load_base(spec: str) -> torch.nn.Module:
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
                    help="name of the Linear whose input routes; repeat it to route on "
                         "several layers together")
     b.add_argument("--rank", type=int, default=None)
-    b.add_argument("--pooling", default="cls", choices=["cls", "mean"])
+    b.add_argument("--pooling", default="cls", choices=POOLINGS)
     b.add_argument("--top-k", type=int, default=1)
     b.add_argument("--temperature", type=float, default=1.0)
     b.add_argument("--threshold", type=float, default=0.0)

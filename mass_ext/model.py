@@ -15,13 +15,13 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, reference
 from .nn import RoutedLinear, _RouteState, default_rank
 from .routing import Routing
 
 FORMAT_VERSION = 1
 FIRST_PASSES = ("pretrained", "tsvm", "per_layer")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "tokens")
 MODES = ("two_pass", "per_layer")
 
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
@@ -66,6 +66,11 @@ class MASS(nn.Module):
     router_layer names one routed Linear, or several: their pooled inputs are then
     scaled to unit norm and routed together (residual fractions summed over the layers),
     which identifies tasks more reliably than any single layer.
+
+    pooling: "cls" (the first token), "mean" (over valid tokens when an attention_mask is
+    passed), "tokens" (every token routed, a sample's residual fractions averaged over its
+    valid tokens: see `route_features`), or a callable (router input, forward kwargs) ->
+    (B, d) or (B, L, d).
     """
 
     def __init__(self, model: nn.Module, task_names: Sequence[str], *,
@@ -206,9 +211,7 @@ class MASS(nn.Module):
             self._state.mode = "self"
             with self._capture_router_inputs(early_exit=False) as captured:
                 out = self.model(*args, **kwargs)
-            self.routing = route_features(self._pooled(captured, kwargs), self.router_bases(),
-                                          self.top_k, temperature=self.temperature,
-                                          threshold=self.threshold, weighting=self.weighting)
+            self.routing = self.decide(self._pooled(captured, kwargs), kwargs)
             return out
         return self.run(self.route(*args, **kwargs), *args, **kwargs)
 
@@ -228,16 +231,27 @@ class MASS(nn.Module):
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
         # Returned from a local: self.routing is shared, another thread may replace it.
-        routing = route_features(self.router_inputs(*args, **kwargs), self.router_bases(),
-                                 self.top_k, temperature=self.temperature,
-                                 threshold=self.threshold, weighting=self.weighting)
+        routing = self.decide(self.router_inputs(*args, **kwargs), kwargs)
         self.routing = routing
         return routing
 
+    def decide(self, router_inputs: Sequence[torch.Tensor], kwargs=None, *,
+               top_k: Optional[int] = None, threshold: Optional[float] = None,
+               weighting: Optional[str] = None) -> Routing:
+        """The routing of `router_inputs` (from `router_inputs`) with this model's options,
+        or the top_k / threshold / weighting given; kwargs: the forward call's keyword
+        arguments (its attention_mask matters for pooling="tokens")."""
+        mask = (kwargs or {}).get("attention_mask") if self.pooling == "tokens" else None
+        return route_features(
+            router_inputs, self.router_bases(), self.top_k if top_k is None else top_k,
+            attention_mask=mask, temperature=self.temperature,
+            threshold=self.threshold if threshold is None else threshold,
+            weighting=self.weighting if weighting is None else weighting)
+
     def router_inputs(self, *args, **kwargs) -> list:
         """Pass 1 up to the (last) router layer: the pooled input of each router layer,
-        (B, d_in) per layer, in `router_layers` order. With `router_bases` and
-        `route_features` it gives `route`'s decision for any top_k or threshold."""
+        (B, d_in) per layer ((B, L, d_in) for pooling="tokens"), in `router_layers` order.
+        `decide` turns them into `route`'s decision, for any top_k or threshold."""
         self._bind_layers()
         with self._capture_router_inputs(early_exit=True) as captured:
             self._first_pass_state(args, kwargs)
@@ -313,6 +327,11 @@ class MASS(nn.Module):
         if callable(self.pooling):
             return self.pooling(x, kwargs)
         if x.dim() == 2:  # one row per sample already
+            return x
+        if self.pooling == "tokens":
+            if x.dim() != 3:
+                raise ValueError(f"pooling='tokens' needs router-layer inputs (B, L, d) or "
+                                 f"(B, d), got shape {tuple(x.shape)}")
             return x
         if self.pooling == "cls":
             return x[:, 0]
@@ -421,19 +440,49 @@ def stack_router_bases(bases: Sequence[torch.Tensor]) -> torch.Tensor:
     return stacked
 
 
-def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k: int = 1,
-                   **options) -> Routing:
-    """Routes pooled router-layer inputs (one (B, d_l) tensor per layer) against `bases`
-    (`stack_router_bases` of the layers' V). With several layers each input is scaled to
-    unit norm and they are routed side by side, so the residual is
-    sqrt(sum over layers of the layer's residual fraction ||x - V^T V x||^2 / ||x||^2).
-    options: temperature, threshold, weighting (as for `mass_ext.route`)."""
-    if len(features) == 1:
-        x = features[0]
+def _unit_rows(f: torch.Tensor) -> torch.Tensor:
+    return f / f.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
+
+
+def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k: int = 1, *,
+                   attention_mask: Optional[torch.Tensor] = None, **options) -> Routing:
+    """Routes router-layer inputs (one tensor per layer) against `bases`
+    (`stack_router_bases` of the layers' V). options: temperature, threshold, weighting
+    (as for `mass_ext.route`).
+
+    Pooled inputs (B, d_l): with several layers each input is scaled to unit norm and they
+    are routed side by side, so the residual is sqrt(sum over layers of the layer's
+    residual fraction ||x - V^T V x||^2 / ||x||^2); one layer is routed as it is.
+
+    Token inputs (B, L, d_l) (pooling="tokens"): every token is scaled to unit norm per
+    layer and routed; a sample's residual is sqrt(mean over its valid tokens of the
+    token's residual fraction summed over the layers), and the decision is taken on those
+    residuals by the usual rule. attention_mask (B, L), nonzero = valid: padding never
+    counts (all tokens count without it).
+    """
+    dims = {f.dim() for f in features}
+    if dims == {2}:
+        x = features[0] if len(features) == 1 else torch.cat([_unit_rows(f) for f in features], -1)
+        return ops.route(x, bases, top_k, **options)
+    if dims != {3} or len({tuple(f.shape[:2]) for f in features}) != 1:
+        raise ValueError("features must all be pooled (B, d) or all token features (B, L, d) "
+                         f"of one (B, L), got shapes {[tuple(f.shape) for f in features]}")
+    x = torch.cat([_unit_rows(f) for f in features], dim=-1)
+    # The op validates bases and options; its per-token decision is not needed.
+    fractions = ops.route(x, bases, top_k, **options).residuals.square()   # (B, L, T)
+    if attention_mask is None:
+        fractions = fractions.mean(dim=1)
     else:
-        x = torch.cat([f / f.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
-                       for f in features], dim=-1)
-    return ops.route(x, bases, top_k, **options)
+        if tuple(attention_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"attention_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
+                             f"got {tuple(attention_mask.shape)}")
+        valid = (attention_mask != 0).to(fractions.dtype).unsqueeze(-1)
+        fractions = (fractions * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    residuals = fractions.sqrt()
+    indices, weights = reference.select_tasks(
+        residuals, top_k, options.get("temperature", 1.0), options.get("threshold", 0.0),
+        options.get("weighting", "uniform"))
+    return Routing(indices, weights, residuals)
 
 
 def _router_layer_list(router_layer: RouterLayers) -> list:

@@ -114,11 +114,12 @@ def test_quick_run_produces_every_method_and_agrees_with_the_reference(quick, tm
     assert "| MASS two-pass top-1 (mass_ext) | routed |" in (tmp_path / "accuracy.md").read_text()
 
 
-@pytest.mark.parametrize("first_pass", ["pretrained", "per_layer"])
-def test_the_reference_routes_every_sample_as_mass_ext_does(quick, first_pass):
+@pytest.mark.parametrize("first_pass, pooling", [("pretrained", "mean"), ("per_layer", "mean"),
+                                                  ("pretrained", "tokens"), ("per_layer", "cls")])
+def test_the_reference_routes_every_sample_as_mass_ext_does(quick, first_pass, pooling):
     cache, base, tokenizer, tasks, experts = quick
     built = R.build_mass(base, tasks, [e.encoder_state for e in experts], QUICK, cache)
-    mm = MASS(built.model, built.task_names, pooling="mean", first_pass=first_pass,
+    mm = MASS(built.model, built.task_names, pooling=pooling, first_pass=first_pass,
               router_layer=[f"encoder.layer.{i}.attention.output.dense" for i in (1, 3)])
     stream = M.make_stream(tasks, "test", tokenizer, batch_size=8)
     heads = [e.head for e in experts]

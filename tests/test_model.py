@@ -137,6 +137,74 @@ def test_several_router_layers_sum_their_residual_fractions(experts):
     assert torch.equal(routing.indices[:, 0], labels)  # layer 0's subspaces are disjoint
 
 
+class _TakesAMask(nn.Module):
+    """A token model's call signature (attention_mask=) around an MLP that ignores it."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x, attention_mask=None):
+        return self.mlp(x)
+
+
+def test_token_pooling_averages_each_tokens_residual_fraction_over_valid_tokens(experts, tmp_path):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(_TakesAMask(base), {k: _TakesAMask(m) for k, m in finetuned.items()},
+                             router_layer=["mlp.0", "mlp.2"], pooling="tokens", top_k=T,
+                             progress=False)
+    x, labels = task_inputs(subspaces, 4)                 # one task per sample ...
+    B, L = len(labels), 5
+    g = torch.Generator().manual_seed(7)
+    tokens = x[:, None] * torch.rand(B, L, 1, generator=g).add(0.5)  # ... on every token
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[::2, 3:] = 0
+    tokens[mask == 0] = 50 * torch.randn(int((mask == 0).sum()), D_IN, generator=g)  # padding
+    with torch.no_grad():
+        routing = mm.route(tokens, attention_mask=mask)
+        hidden = torch.tanh(base[0](tokens))
+        fractions = (_residual_fraction(tokens.reshape(-1, D_IN), mm.routed["mlp.0"].V)
+                     + _residual_fraction(hidden.reshape(-1, D_HIDDEN), mm.routed["mlp.2"].V))
+        valid = mask.double().reshape(-1, 1)
+        expected = ((fractions * valid).reshape(B, L, T).sum(1)
+                    / mask.sum(1, keepdim=True).double())
+        # Padding never counts: other values there route the same.
+        tokens[mask == 0] = -tokens[mask == 0]
+        again = mm.route(tokens, attention_mask=mask)
+        unmasked = mm.route(tokens)                        # no mask: every token counts
+    torch.testing.assert_close(routing.residuals.double() ** 2, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(routing.indices, expected.argsort(dim=-1, stable=True))
+    assert torch.equal(routing.indices[:, 0], labels)
+    assert torch.equal(again.indices, routing.indices)
+    assert not torch.allclose(unmasked.residuals, routing.residuals)
+    mm.save(tmp_path / "tokens.safetensors")
+    loaded = MASS.load(tmp_path / "tokens.safetensors", _TakesAMask(base))
+    assert loaded.pooling == "tokens"
+    with torch.no_grad():
+        assert torch.equal(loaded.route(tokens, attention_mask=mask).indices, routing.indices)
+    # One token per sample: the pooled decision (several layers route residual fractions).
+    pooled = MASS(mm.model, mm.task_names, router_layer=["mlp.0", "mlp.2"], pooling="mean",
+                  top_k=T)
+    with torch.no_grad():
+        one = mm.route(x[:, None])
+        torch.testing.assert_close(one.residuals, pooled.route(x[:, None]).residuals)
+        assert torch.equal(one.indices, pooled.route(x[:, None]).indices)
+
+
+def test_token_pooling_bad_inputs_are_clear_errors(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(_TakesAMask(base), {k: _TakesAMask(m) for k, m in finetuned.items()},
+                             router_layer="mlp.0", pooling="tokens", progress=False)
+    x, _ = task_inputs(subspaces, 2)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, L\) = \(6, 3\), "
+                                         r"got \(6, 4\)"):
+        mm.route(x[:, None].expand(-1, 3, -1), attention_mask=torch.ones(6, 4))
+    with pytest.raises(ValueError, match=r"pooling='tokens' needs router-layer inputs"):
+        mm.route(x[:, None, None])
+    with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
+        mass_ext.route_features([x, x[:, None]], mm.router_bases())
+
+
 def test_a_deep_copy_or_pickle_of_a_model_routes_on_its_own(experts, tmp_path):
     base, finetuned, subspaces = experts
     mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mass_ext
-from mass_ext import MASS, Routing, route_features
+from mass_ext import MASS, Routing
 from mass_ext.nn import decorrelate_factors
 
 from .experts import MAX_LENGTH, batches, encode, mean_pool, tokenize
@@ -205,9 +205,8 @@ def mass_candidates(mm: MASS, heads, batch: Batch, top_k: int, threshold: float)
     """Pass 1 routes each sample (top_k slots, threshold); pass 2 runs the model once per
     slot, on the samples that kept it, each with its one selected task's update."""
     start = time.perf_counter()
-    routing = route_features(mm.router_inputs(**batch.inputs), mm.router_bases(), top_k,
-                             temperature=mm.temperature, threshold=threshold,
-                             weighting="softmax")
+    routing = mm.decide(mm.router_inputs(**batch.inputs), batch.inputs, top_k=top_k,
+                        threshold=threshold, weighting="softmax")
     seconds = [time.perf_counter() - start]
     B = routing.indices.shape[0]
     scores = {rule: torch.full((B, top_k), float("-inf")) for rule in HEAD_RULES}
@@ -308,8 +307,17 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
     class Stop(Exception):
         pass
 
-    def pooled(x, mask):
-        return mean_pool(x, mask) if mm.pooling == "mean" else x[:, 0]
+    def router_fractions(x, mask, V):
+        """Explicit ||x - V^T V x||^2 / ||x||^2 per sample and task (B, T), in float64;
+        pooling "tokens": per token, then averaged over the valid ones."""
+        x = (x if mm.pooling == "tokens" else mean_pool(x, mask) if mm.pooling == "mean"
+             else x[:, 0]).double()
+        rebuilt = torch.einsum("trd,...tr->...td", V, torch.einsum("trd,...d->...tr", V, x))
+        fractions = ((x.unsqueeze(-2) - rebuilt) ** 2).sum(-1) / (x ** 2).sum(-1, keepdim=True)
+        if mm.pooling != "tokens":
+            return fractions
+        valid = mask.double().unsqueeze(-1)
+        return (fractions * valid).sum(1) / valid.sum(1).clamp(min=1)
 
     def method(batch: Batch):
         captured = {}
@@ -330,12 +338,8 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
         finally:
             for h in hooks:
                 h.remove()
-        fractions = 0
-        for name in router_layers:
-            x = pooled(captured[name], batch.inputs["attention_mask"]).double()
-            V = layers[name][3]
-            rebuilt = torch.einsum("trd,btr->btd", V, torch.einsum("trd,bd->btr", V, x))
-            fractions = fractions + ((x[:, None] - rebuilt) ** 2).sum(-1) / (x ** 2).sum(-1, keepdim=True)
+        fractions = sum(router_fractions(captured[name], batch.inputs["attention_mask"],
+                                         layers[name][3]) for name in router_layers)
         indices, _ = mass_ext.reference.select_tasks(fractions.sqrt(), top_k, mm.temperature,
                                                      0.0, "uniform")
         B = indices.shape[0]

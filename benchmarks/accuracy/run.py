@@ -83,28 +83,36 @@ def best_router(fractions: Dict[str, Dict[str, torch.Tensor]], names: List[str],
     return sorted(scored, reverse=True)
 
 
+def residual_fractions(x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """||x - V^T V x||^2 / ||x||^2 per row and task, through mass_ext.route: (..., T)."""
+    return mass_ext.route(x, V).residuals ** 2 / (x ** 2).sum(-1, keepdim=True).clamp(min=1e-30)
+
+
 @torch.no_grad()
 def choose_router(mm: MASS, val: M.Stream) -> Dict[str, tuple]:
     """Per first pass, the (router layers, pooling, validation task-ID accuracy) that
     identify tasks best on validation (`best_router`). The first passes compared: the base
     model (the paper's) and per-layer MASS (the layers below the router already routed);
-    "tsvm" is left out, its summed blocks are not decorrelated in this bundle."""
+    "tsvm" is left out, its summed blocks are not decorrelated in this bundle. The
+    poolings: mean, CLS, and tokens (each token's residual fraction averaged over the
+    valid tokens, as MASS(pooling="tokens") routes)."""
     names = list(mm.routed)
-    poolings = ("mean", "cls")
-
-    def both_poolings(x, kwargs):  # one pass 1 gives every layer's input pooled both ways
-        return torch.stack([M.mean_pool(x, kwargs["attention_mask"]), x[:, 0]])
-
+    poolings = ("mean", "cls", "tokens")
     best = {}
     for first_pass in ("pretrained", "per_layer"):
-        probe = MASS(mm.model, mm.task_names, router_layer=names, pooling=both_poolings,
+        # One pass 1 gives every layer's token inputs; every pooling is computed from them.
+        probe = MASS(mm.model, mm.task_names, router_layer=names, pooling="tokens",
                      first_pass=first_pass)
         per_layer = {(p, n): [] for p in poolings for n in names}
         for batch in val.batches:
-            for pooled, name in zip(probe.router_inputs(**batch.inputs), names):
-                for x, pooling in zip(pooled, poolings):
-                    residuals = mass_ext.route(x, mm.routed[name].V).residuals
-                    per_layer[pooling, name].append(residuals ** 2 / (x ** 2).sum(-1, keepdim=True))
+            mask = batch.inputs["attention_mask"]
+            valid = mask.unsqueeze(-1).float()
+            for x, name in zip(probe.router_inputs(**batch.inputs), names):
+                V = mm.routed[name].V
+                per_layer["mean", name].append(residual_fractions(M.mean_pool(x, mask), V))
+                per_layer["cls", name].append(residual_fractions(x[:, 0], V))
+                per_layer["tokens", name].append(
+                    (residual_fractions(x, V) * valid).sum(1) / valid.sum(1).clamp(min=1))
         fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
         scored = best_router(fractions, names, val)
         log(f"router candidates, first pass {first_pass} (validation task-ID accuracy), best 3:")
