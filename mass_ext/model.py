@@ -70,7 +70,7 @@ class MASS(nn.Module):
     pooling: "cls" (the first token), "mean" (over valid tokens when an attention_mask is
     passed), "tokens" (every token routed, a sample's residual fractions averaged over its
     valid tokens: see `route_features`), or a callable (router input, forward kwargs) ->
-    (B, d) or (B, L, d).
+    (B, d), or (B, L, d) to route every token (all L count).
     """
 
     def __init__(self, model: nn.Module, task_names: Sequence[str], *,
