@@ -14,6 +14,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Oldest torch each build was checked against (2026-11-28): the CPU build compiles and
+# passes the tests on torch 2.4.1; the CUDA sources compile against 2.11 and 2.14 (CI)
+# and need ATen APIs of 2.8 (at::mm with an output dtype).
+CUDA_MIN_TORCH = (2, 8)
+
+
+def _torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _flag(name):
@@ -54,6 +62,12 @@ def extension():
         and torch.version.cuda is not None
         and CUDA_HOME is not None
     )
+    if use_cuda and _torch_version() < CUDA_MIN_TORCH:
+        # The CUDA sources use ATen APIs of torch 2.8 (at::mm with an output dtype).
+        print(f"mass_ext: torch {torch.__version__} is older than "
+              f"{'.'.join(map(str, CUDA_MIN_TORCH))}, which the CUDA kernels need: building "
+              "the CPU kernels only (CUDA tensors will run the pure-PyTorch reference)")
+        use_cuda = False
     if use_cuda:
         # No --use_fast_math: the routing relies on IEEE isnan / isinf, ldexp and exact
         # division. -lineinfo lets compute-sanitizer name source lines.
