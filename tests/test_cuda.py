@@ -533,3 +533,47 @@ def test_compile_fullgraph_matches_eager():
             assert got.shape == want.shape and got.dtype == want.dtype
             # The custom ops see the same inputs compiled or not; relu * 0.5 is exact.
             assert torch.equal(got, want)
+
+
+class _TokenModel(torch.nn.Module):
+    """Token features (B, L, 24) through two Linear layers; takes an attention_mask (which
+    the layers ignore, as an encoder's MLP does) so that MASS pools with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(24, 40), torch.nn.Linear(40, 24)
+
+    def forward(self, x, attention_mask=None):
+        return self.down(torch.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("mode, pooling", [("two_pass", "mean"), ("two_pass", "tokens"),
+                                           ("per_layer", "tokens")])
+def test_mass_model_moved_to_cuda_routes_and_computes_as_on_the_cpu(mode, pooling):
+    """The model level on the GPU: MASS built on the CPU, moved with .to("cuda"), routes
+    every sample as on the CPU and gives the same outputs (float64: no near-ties).
+    Built with RoutedLinear.from_linear (MASS.from_finetuned needs tqdm, which the GPU
+    machine lacks)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _TokenModel().double()
+    for name in ("up", "down"):
+        linear = getattr(model, name)
+        deltas = [0.1 * torch.randn(linear.out_features, 4, generator=g, dtype=torch.float64)
+                  @ torch.randn(4, linear.in_features, generator=g, dtype=torch.float64)
+                  for _ in range(3)]
+        setattr(model, name, mass_ext.RoutedLinear.from_linear(linear, deltas, are_deltas=True))
+    mm = mass_ext.MASS(model, ["a", "b", "c"], router_layer=["up", "down"], pooling=pooling,
+                       mode=mode)
+    x = torch.randn(6, 5, 24, generator=g, dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[::2, 3:] = 0
+    with torch.no_grad():
+        expected = mm(x, attention_mask=mask)
+        routing = mm.routing
+        mm.to(DEV)
+        out = mm(x.to(DEV), attention_mask=mask.to(DEV))
+    assert out.device.type == mm.routing.indices.device.type == torch.device(DEV).type
+    assert torch.equal(mm.routing.indices.cpu(), routing.indices)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-10, rtol=1e-10)
