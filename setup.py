@@ -63,7 +63,6 @@ def extension():
         and CUDA_HOME is not None
     )
     if use_cuda and _torch_version() < CUDA_MIN_TORCH:
-        # The CUDA sources use ATen APIs of torch 2.8 (at::mm with an output dtype).
         print(f"mass_ext: torch {torch.__version__} is older than "
               f"{'.'.join(map(str, CUDA_MIN_TORCH))}, which the CUDA kernels need: building "
               "the CPU kernels only (CUDA tensors will run the pure-PyTorch reference)")

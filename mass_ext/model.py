@@ -335,11 +335,7 @@ class MASS(nn.Module):
             return x
         if self.pooling == "cls":
             return x[:, 0]
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            return x.mean(dim=1)
-        mask = mask.to(x.dtype).reshape(*mask.shape[:2], *([1] * (x.dim() - 2)))
-        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return _mean_over_tokens(x, kwargs.get("attention_mask"))
 
     # ------------------------------------------------------------------ storage
     def metadata(self) -> dict:
@@ -444,11 +440,21 @@ def _unit_rows(f: torch.Tensor) -> torch.Tensor:
     return f / f.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(f.dtype).tiny)
 
 
+def _mean_over_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x (B, L, ...) over dim 1, over the valid tokens (mask (B, L) nonzero) when a
+    mask is given."""
+    if mask is None:
+        return x.mean(dim=1)
+    valid = (mask != 0).to(x.dtype).reshape(*mask.shape[:2], *([1] * (x.dim() - 2)))
+    return (x * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
 def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k: int = 1, *,
-                   attention_mask: Optional[torch.Tensor] = None, **options) -> Routing:
+                   temperature: float = 1.0, threshold: float = 0.0,
+                   weighting: str = "uniform",
+                   attention_mask: Optional[torch.Tensor] = None) -> Routing:
     """Routes router-layer inputs (one tensor per layer) against `bases`
-    (`stack_router_bases` of the layers' V). options: temperature, threshold, weighting
-    (as for `mass_ext.route`).
+    (`stack_router_bases` of the layers' V), with the options of `mass_ext.route`.
 
     Pooled inputs (B, d_l): with several layers each input is scaled to unit norm and they
     are routed side by side, so the residual is sqrt(sum over layers of the layer's
@@ -460,6 +466,7 @@ def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k:
     residuals by the usual rule. attention_mask (B, L), nonzero = valid: padding never
     counts (all tokens count without it).
     """
+    options = dict(temperature=temperature, threshold=threshold, weighting=weighting)
     dims = {f.dim() for f in features}
     if dims == {2}:
         x = features[0] if len(features) == 1 else torch.cat([_unit_rows(f) for f in features], -1)
@@ -469,19 +476,12 @@ def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k:
                          f"of one (B, L), got shapes {[tuple(f.shape) for f in features]}")
     x = torch.cat([_unit_rows(f) for f in features], dim=-1)
     # The op validates bases and options; its per-token decision is not needed.
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"attention_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
     fractions = ops.route(x, bases, top_k, **options).residuals.square()   # (B, L, T)
-    if attention_mask is None:
-        fractions = fractions.mean(dim=1)
-    else:
-        if tuple(attention_mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"attention_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
-                             f"got {tuple(attention_mask.shape)}")
-        valid = (attention_mask != 0).to(fractions.dtype).unsqueeze(-1)
-        fractions = (fractions * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-    residuals = fractions.sqrt()
-    indices, weights = reference.select_tasks(
-        residuals, top_k, options.get("temperature", 1.0), options.get("threshold", 0.0),
-        options.get("weighting", "uniform"))
+    residuals = _mean_over_tokens(fractions, attention_mask).sqrt()
+    indices, weights = reference.select_tasks(residuals, top_k, temperature, threshold, weighting)
     return Routing(indices, weights, residuals)
 
 

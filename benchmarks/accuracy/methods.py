@@ -314,10 +314,7 @@ def reference_two_pass(mm: MASS, heads, top_k: int, rule: str) -> Method:
              else x[:, 0]).double()
         rebuilt = torch.einsum("trd,...tr->...td", V, torch.einsum("trd,...d->...tr", V, x))
         fractions = ((x.unsqueeze(-2) - rebuilt) ** 2).sum(-1) / (x ** 2).sum(-1, keepdim=True)
-        if mm.pooling != "tokens":
-            return fractions
-        valid = mask.double().unsqueeze(-1)
-        return (fractions * valid).sum(1) / valid.sum(1).clamp(min=1)
+        return mean_pool(fractions, mask) if mm.pooling == "tokens" else fractions
 
     def method(batch: Batch):
         captured = {}

@@ -106,13 +106,11 @@ def choose_router(mm: MASS, val: M.Stream) -> Dict[str, tuple]:
         per_layer = {(p, n): [] for p in poolings for n in names}
         for batch in val.batches:
             mask = batch.inputs["attention_mask"]
-            valid = mask.unsqueeze(-1).float()
             for x, name in zip(probe.router_inputs(**batch.inputs), names):
                 V = mm.routed[name].V
                 per_layer["mean", name].append(residual_fractions(M.mean_pool(x, mask), V))
                 per_layer["cls", name].append(residual_fractions(x[:, 0], V))
-                per_layer["tokens", name].append(
-                    (residual_fractions(x, V) * valid).sum(1) / valid.sum(1).clamp(min=1))
+                per_layer["tokens", name].append(M.mean_pool(residual_fractions(x, V), mask))
         fractions = {p: {n: torch.cat(per_layer[p, n]) for n in names} for p in poolings}
         scored = best_router(fractions, names, val)
         log(f"router candidates, first pass {first_pass} (validation task-ID accuracy), best 3:")
