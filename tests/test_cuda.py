@@ -204,6 +204,25 @@ def test_parameter_layouts(dtype, U_layout, path):
         assert_output_matches(out.cpu(), x[:n], layer, got.indices, got.weights, "pre-routed")
 
 
+@pytest.mark.parametrize("dtype", MAIN_DTYPES, ids=str)
+def test_single_rows_whose_row_stride_is_below_d_in(dtype, path):
+    """A size-1 dimension's stride is arbitrary (torch calls such a tensor contiguous
+    whatever it is), but cuBLAS checks leading dimensions: one row x of stride (1, 1)
+    from unfold, and T * r = 1 (one task of rank 1, V of stride (1, 1, 1))."""
+    for T, r in ((3, 4), (1, 1)):
+        layer = make_layer(T, r, 64, 24, dtype=dtype, seed=40)
+        x = make_x((64,), dtype, seed=41).to(DEV).unfold(0, 64, 1)
+        assert x.shape == (1, 64) and x.stride() == (1, 1)
+        W, bias, U, S, V = cuda_params(layer)
+        if T * r == 1:
+            V = V.reshape(-1).as_strided((1, 1, 64), (1, 1, 1))
+        got = mass_ext.route(x, V, 1)
+        got = type(got)(*(t.cpu() for t in got))
+        check_route_against_reference(x.cpu(), layer.V, 1, got=got)
+        out = mass_ext.routed_linear(x, W, bias, U, S, V, 1)
+        assert_output_matches(out.cpu(), x.cpu(), layer, got.indices, got.weights)
+
+
 @pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
 def test_exact_tie_and_zero_rows(dtype, path):
     """Identical V for tasks 1 and 3: the residuals tie bitwise and 1 comes first; a zero

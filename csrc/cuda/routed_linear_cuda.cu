@@ -31,10 +31,15 @@ namespace mass_ext {
 namespace cuda {
 namespace {
 
+// Read on every call: the tests and benchmarks move the thresholds between calls.
 int64_t threshold_from_env(const char* name, int64_t fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
-  return std::strtoll(value, nullptr, 10);
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0', name, " must be an integer (a number of rows), got '", value,
+                    "'");
+  return parsed;
 }
 
 struct Plan {
@@ -67,10 +72,15 @@ at::Tensor projections_fp32(at::Tensor rows, at::Tensor Vs) {
   if (N == 0 || TR == 0) return z;
   if (d == 0) return z.zero_();
   // cuBLAS wants unit inner strides and leading dimensions >= d (x may have row stride 0).
-  if (rows.stride(1) != 1 || rows.stride(0) < d) rows = rows.contiguous();
-  if (Vs.stride(1) != 1 || Vs.stride(0) < d) Vs = Vs.contiguous();
+  // A single row's stride is never read, but `contiguous()` keeps it (torch ignores the
+  // strides of size-1 dims): pass d as its leading dimension instead.
+  if (d > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+  if (d > 1 && Vs.stride(1) != 1) Vs = Vs.contiguous();
+  if (N > 1 && rows.stride(0) < d) rows = rows.contiguous();
+  if (TR > 1 && Vs.stride(0) < d) Vs = Vs.contiguous();
+  const int64_t ld_rows = N > 1 ? rows.stride(0) : d, ld_Vs = TR > 1 ? Vs.stride(0) : d;
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  if (N > kMax || TR > kMax || d > kMax || rows.stride(0) > kMax || Vs.stride(0) > kMax) {
+  if (N > kMax || TR > kMax || d > kMax || ld_rows > kMax || ld_Vs > kMax) {
     return at::mm(rows, Vs.t()).contiguous();  // beyond cuBLAS's 32-bit sizes
   }
   // Row-major z (N, TR) is column-major z^T (TR, N) = Vs (TR, d) . rows^T (d, N).
@@ -78,8 +88,8 @@ at::Tensor projections_fp32(at::Tensor rows, at::Tensor Vs) {
   TORCH_CUDABLAS_CHECK(cublasGemmEx(
       at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(TR),
       static_cast<int>(N), static_cast<int>(d), &alpha, Vs.const_data_ptr<float>(), CUDA_R_32F,
-      static_cast<int>(Vs.stride(0)), rows.const_data_ptr<float>(), CUDA_R_32F,
-      static_cast<int>(rows.stride(0)), &beta, z.mutable_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(ld_Vs), rows.const_data_ptr<float>(), CUDA_R_32F,
+      static_cast<int>(ld_rows), &beta, z.mutable_data_ptr<float>(), CUDA_R_32F,
       static_cast<int>(TR), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
   return z;
 }
