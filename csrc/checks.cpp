@@ -28,7 +28,17 @@ std::string dtype_str(at::ScalarType dtype) {
     case at::kChar: return "int8";
     case at::kByte: return "uint8";
     case at::kBool: return "bool";
-    default: return c10::toString(dtype);
+    case at::kUInt16: return "uint16";
+    case at::kUInt32: return "uint32";
+    case at::kUInt64: return "uint64";
+    case at::kComplexHalf: return "complex32";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    case at::kFloat8_e5m2: return "float8_e5m2";
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case at::kFloat8_e5m2fnuz: return "float8_e5m2fnuz";
+    case at::kFloat8_e4m3fnuz: return "float8_e4m3fnuz";
+    default: return c10::toString(dtype);  // newer or rarer dtypes: C++'s spelling
   }
 }
 

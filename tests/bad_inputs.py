@@ -82,6 +82,12 @@ CASES = [
     BadInput("route: x dtype int64",
              lambda: valid("route", x=torch.ones(N, D_IN, dtype=torch.int64)),
              TypeError, ("x must be", "float32, float64, bfloat16 or float16", "got int64")),
+    BadInput("x dtype complex64", lambda: valid(x=torch.ones(N, D_IN, dtype=torch.complex64)),
+             TypeError, ("x must be", "float32, float64, bfloat16 or float16", "got complex64")),
+    BadInput("x dtype float8_e4m3fn",
+             lambda: valid(x=torch.ones(N, D_IN).to(torch.float8_e4m3fn)),
+             TypeError, ("x must be", "float32, float64, bfloat16 or float16",
+                         "got float8_e4m3fn")),
     BadInput("x 0-d", lambda: valid(x=torch.tensor(1.0)),
              ValueError, ("x must have at least 1 dimension", "(..., d_in)", "got a 0-d tensor")),
     # --- V
