@@ -7,8 +7,9 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
+import stat
 import threading
+import uuid
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from ._validation import check_routing_options
 from .nn import RoutedLinear, _RouteState, default_rank
 from .routing import Routing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: tensors shared under several names stored once ("aliases")
+READABLE_VERSIONS = (1, 2)
 FIRST_PASSES = ("pretrained", "tsvm", "per_layer")
 POOLINGS = ("cls", "mean", "tokens")
 MODES = ("two_pass", "per_layer")
@@ -35,18 +38,61 @@ def _state_dict(checkpoint: Checkpoint, name: str) -> dict:
         return dict(checkpoint)
     if isinstance(checkpoint, (str, os.PathLike)):
         from safetensors.torch import load_file
-        return load_file(os.fspath(checkpoint))
+        path = os.fspath(checkpoint)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises several types for a bad file
+            raise ValueError(f"finetuned[{name!r}]: {path} is not a readable .safetensors "
+                             f"state dict ({type(error).__name__}: {error})") from error
     raise TypeError(f"finetuned[{name!r}] must be an nn.Module, a state dict or a path to a "
                     f".safetensors file, got {type(checkpoint).__name__}")
+
+
+def _check_checkpoint(name: str, state: dict, base_state: dict) -> None:
+    """Same keys and shapes as the base, floating where the base is, finite."""
+    missing = sorted(set(base_state) - set(state))
+    extra = sorted(set(state) - set(base_state))
+    if missing or extra:
+        raise ValueError(f"finetuned[{name!r}] does not match the base model: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    for key, value in base_state.items():
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"finetuned[{name!r}] parameter {key!r} must be a tensor, got "
+                            f"{type(tensor).__name__}")
+        if tuple(tensor.shape) != tuple(value.shape):
+            raise ValueError(f"finetuned[{name!r}] parameter {key!r} has shape "
+                             f"{tuple(tensor.shape)}, base has {tuple(value.shape)}")
+        if value.is_floating_point():
+            if not tensor.is_floating_point():
+                raise TypeError(f"finetuned[{name!r}] parameter {key!r} must be floating "
+                                f"point like the base's ({value.dtype}), got {tensor.dtype}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"finetuned[{name!r}] parameter {key!r} holds NaN or inf")
 
 
 def _linear_names(model: nn.Module) -> list:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _weight_readers(model: nn.Module) -> dict:
+    """Linear layers whose parent reads their weight without calling them (so a routed
+    layer there would never route): name -> the parent's type. nn.MultiheadAttention
+    passes out_proj.weight to F.multi_head_attention_forward."""
+    return {f"{parent_name}.{child}" if parent_name else child: type(parent).__name__
+            for parent_name, parent in model.named_modules()
+            if isinstance(parent, nn.MultiheadAttention)
+            for child, m in parent.named_children() if isinstance(m, nn.Linear)}
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    """Puts `module` at `name` and at every other name of the module it replaces (a
+    module registered twice stays shared)."""
+    old = model.get_submodule(name)
+    aliases = [a for a, m in model.named_modules(remove_duplicate=False) if m is old]
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 class _EarlyExit(Exception):
@@ -88,7 +134,16 @@ class MASS(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
         self.model = model
         self.task_names = list(task_names)
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task_names must be distinct, got {self.task_names}")
         self.routed = {name: m for name, m in model.named_modules() if isinstance(m, RoutedLinear)}
+        other_counts = {n: m.num_tasks for n, m in self.routed.items()
+                        if m.num_tasks != len(self.task_names)}
+        if other_counts:
+            raise ValueError(f"every routed layer must hold one block per task "
+                             f"({len(self.task_names)} task_names), but these hold another "
+                             f"number: {other_counts}")
+        check_routing_options(top_k, len(self.task_names), temperature, threshold, weighting)
         self.router_layers = _router_layer_list(router_layer)
         for name in self.router_layers:
             if name not in self.routed:
@@ -142,29 +197,38 @@ class MASS(nn.Module):
 
         if not finetuned:
             raise ValueError("finetuned must hold at least one task, got none")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive int or None (default), got {rank!r}")
+        if isinstance(target, str):
+            raise TypeError(f"target must be a list of layer names, got the string {target!r}")
         names = list(finetuned)
         base_state = {k: v.detach() for k, v in base.state_dict().items()}
         states = [_state_dict(finetuned[n], n) for n in names]
         for name, state in zip(names, states):
-            missing = sorted(set(base_state) - set(state))
-            extra = sorted(set(state) - set(base_state))
-            if missing or extra:
-                raise ValueError(f"finetuned[{name!r}] does not match the base model: missing "
-                                 f"{missing[:5]}, unexpected {extra[:5]}")
-            for key, value in base_state.items():
-                if tuple(state[key].shape) != tuple(value.shape):
-                    raise ValueError(f"finetuned[{name!r}] parameter {key!r} has shape "
-                                     f"{tuple(state[key].shape)}, base has {tuple(value.shape)}")
+            _check_checkpoint(name, state, base_state)
         linears = _linear_names(base)
+        readers = _weight_readers(base)
         if target is None:
             target = [n for n in linears
                       if any(not torch.equal(s[f"{n}.weight"], base_state[f"{n}.weight"])
                              for s in states)]
+            if any(n in readers for n in target):
+                warnings.warn(
+                    "not routed, their task updates averaged instead: "
+                    + ", ".join(f"{n} (its {readers[n]} reads the weight without calling "
+                                "the layer)" for n in target if n in readers), stacklevel=2)
+                target = [n for n in target if n not in readers]
         else:
+            target = list(target)
             unknown = [n for n in target if n not in linears]
             if unknown:
                 raise ValueError(f"target names layers that are not nn.Linear: {unknown}; "
                                  f"Linear layers: {linears}")
+            unroutable = [n for n in target if n in readers]
+            if unroutable:
+                raise ValueError(f"target names layers that cannot be routed: {unroutable} "
+                                 "(their parent reads the weight without calling the layer: "
+                                 f"{sorted(set(readers[n] for n in unroutable))})")
         for name in _router_layer_list(router_layer):
             if name not in linears:
                 raise ValueError(f"router_layer {name!r} is not an nn.Linear of the base "
@@ -173,9 +237,14 @@ class MASS(nn.Module):
                 raise ValueError(f"router_layer {name!r} is not routed (no task changes it, "
                                  f"or it is not in target); routed layers: {list(target)}")
 
+        # Checked before the (slow) factorisation rather than by the first forward.
+        check_routing_options(top_k, len(names), temperature, threshold, weighting)
+
         model = copy.deepcopy(base)
         T = len(names)
-        # Everything but the routed weights: the mean over tasks where tasks differ.
+        # Everything but the routed weights: the mean over tasks where tasks differ. Only
+        # those are loaded: a weight tied to a routed one (e.g. an embedding tied to an
+        # output Linear) then keeps its mean, and the routed layer gets its own base copy.
         merged = {}
         routed_weights = {f"{n}.weight" for n in target}
         for key, value in base_state.items():
@@ -183,7 +252,7 @@ class MASS(nn.Module):
                 continue
             if any(not torch.equal(s[key], value) for s in states):
                 merged[key] = torch.stack([s[key] for s in states]).to(torch.float64).mean(0).to(value.dtype)
-        model.load_state_dict({**base_state, **merged})
+        model.load_state_dict(merged, strict=False)
 
         clamped = []
         for name in tqdm(target, desc="MASS: SVD per layer", disable=not progress):
@@ -194,8 +263,9 @@ class MASS(nn.Module):
                 clamped.append(f"{name} ({r} -> {min(d_out, d_in)})")
                 r = min(d_out, d_in)
             layer = RoutedLinear.from_linear(
-                linear, [s[f"{name}.weight"] for s in states], rank=r, decorrelate=decorrelate,
-                top_k=top_k, temperature=temperature, threshold=threshold, weighting=weighting)
+                base.get_submodule(name), [s[f"{name}.weight"] for s in states], rank=r,
+                bias=linear.bias, decorrelate=decorrelate, top_k=top_k,
+                temperature=temperature, threshold=threshold, weighting=weighting)
             _set_submodule(model, name, layer)
         if clamped:
             warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
@@ -326,6 +396,9 @@ class MASS(nn.Module):
     def _pool(self, x: torch.Tensor, kwargs) -> torch.Tensor:
         if callable(self.pooling):
             return self.pooling(x, kwargs)
+        if x.dim() < 2:
+            raise ValueError(f"the router layer's input must have the batch first (B, ..., "
+                             f"d), got shape {tuple(x.shape)}")
         if x.dim() == 2:  # one row per sample already
             return x
         if self.pooling == "tokens":
@@ -355,17 +428,25 @@ class MASS(nn.Module):
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """One safetensors file: every tensor of the model (base weights, routed factors,
-        averaged parameters) plus the metadata. Written to a temporary file in the same
-        folder and renamed, so an existing bundle is never left half-written."""
+        averaged parameters) plus the metadata; tensors shared under several names (tied
+        weights) are stored once. Written to a temporary file in the same folder and
+        renamed, so an existing bundle is never left half-written; it keeps its
+        permissions, and a symbolic link is followed, not replaced."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
-        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mass_ext-", suffix=".tmp")
-        os.close(fd)
+        path = os.path.realpath(os.fspath(path))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"path must name a file, got the folder {path}")
+        tensors, aliases = _unshared(self.model.state_dict())
+        metadata = {**self.metadata(), "aliases": aliases}
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        # Created like any new file, 0o666 less the umask (safetensors writes 0o600).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
-            save_file(tensors, tmp, metadata={"mass_ext": json.dumps(self.metadata())})
+            mode = stat.S_IMODE(os.stat(path if os.path.exists(path) else tmp).st_mode)
+            save_file(tensors, tmp, metadata={"mass_ext": json.dumps(metadata)})
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -376,7 +457,8 @@ class MASS(nn.Module):
     def load(cls, path: Union[str, os.PathLike], base_skeleton: nn.Module,
              pooling: Optional[Callable] = None) -> "MASS":
         """Restores a bundle onto a copy of `base_skeleton` (a model of the base
-        architecture; its weights are not used and it is left untouched)."""
+        architecture; its weights are not used and it is left untouched). A bundle that is
+        unreadable, incomplete or made for another architecture raises ValueError."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -389,42 +471,111 @@ class MASS(nn.Module):
         if raw is None:
             raise ValueError(f"{path} is a safetensors file but not a mass_ext bundle "
                              "(no 'mass_ext' metadata)")
-        meta = json.loads(raw)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has bundle format version {meta.get('format_version')}; "
-                             f"this mass_ext reads version {FORMAT_VERSION}")
+        meta = _bundle_metadata(path, raw)
+        for alias, key in meta.get("aliases", {}).items():
+            if key not in tensors:
+                raise ValueError(f"{path} is incomplete: tensor {key!r} (also {alias!r}) is "
+                                 "missing")
+            tensors[alias] = tensors[key]
         model = copy.deepcopy(base_skeleton)
         linears = set(_linear_names(model))
         for name in meta["routed_layers"]:
             if name not in linears:
                 raise ValueError(f"{path} routes layer {name!r}, which the base skeleton has "
                                  f"not as an nn.Linear")
-            prefix = f"{name}."
             linear = model.get_submodule(name)
-            bias = tensors.get(prefix + "bias")
-            layer = RoutedLinear(tensors[prefix + "weight"], bias,
-                                 tensors[prefix + "U_t"].transpose(1, 2),
-                                 tensors[prefix + "S"], tensors[prefix + "V"])
+            needed = ["weight", "U_t", "S", "V"] + (["bias"] if linear.bias is not None else [])
+            missing = [f"{name}.{k}" for k in needed if f"{name}.{k}" not in tensors]
+            if missing:
+                raise ValueError(f"{path} is incomplete: missing {missing}")
+            if linear.bias is None and f"{name}.bias" in tensors:
+                raise ValueError(f"{path} has a bias for layer {name!r}, which the base "
+                                 "skeleton's layer has not")
+            t = {k: tensors.get(f"{name}.{k}") for k in ("weight", "bias", "U_t", "S", "V")}
+            try:
+                layer = RoutedLinear(t["weight"], t["bias"], t["U_t"].transpose(1, 2), t["S"],
+                                     t["V"])
+            except (ValueError, TypeError, IndexError, RuntimeError) as error:
+                raise ValueError(f"{path}: routed layer {name!r} is invalid: {error}") from error
             if tuple(layer.weight.shape) != tuple(linear.weight.shape):
                 raise ValueError(f"{path}: layer {name!r} has weight shape "
                                  f"{tuple(layer.weight.shape)}, the base skeleton "
                                  f"{tuple(linear.weight.shape)}")
             _set_submodule(model, name, layer)
-        result = model.load_state_dict(tensors, strict=False)
+        try:
+            result = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise ValueError(f"{path} does not match the base skeleton: {error}") from error
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{path} does not match the base skeleton: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
         router = dict(meta["router"])
-        if router["pooling"] == "callable":
+        if router.get("pooling") == "callable":
             if pooling is None:
                 raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
             router["pooling"] = pooling
-        return cls(model, meta["task_names"], **router)
+        try:
+            return cls(model, meta["task_names"], **router)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path} holds invalid settings: {error}") from error
+
+
+def _unshared(state: Mapping[str, torch.Tensor]):
+    """(tensors, aliases): the state with every tensor that another key already holds
+    (the same view: tied weights, a module registered twice) replaced by an alias
+    {key: first key}, and any other memory overlap copied (safetensors refuses it)."""
+    tensors, aliases, views, storages = {}, {}, {}, set()
+    for key, value in state.items():
+        value = value.detach()
+        if value.numel() == 0:
+            tensors[key] = value.contiguous()
+            continue
+        storage = value.untyped_storage().data_ptr()
+        view = (storage, value.storage_offset(), tuple(value.shape), tuple(value.stride()),
+                value.dtype)
+        if view in views:
+            aliases[key] = views[view]
+            continue
+        views[view] = key
+        tensors[key] = value.clone() if storage in storages else value.contiguous()
+        storages.add(storage)
+    return tensors, aliases
+
+
+_ROUTER_SETTINGS = ("router_layer", "pooling", "top_k", "temperature", "threshold",
+                    "weighting", "mode", "first_pass", "first_pass_scale")
+
+
+def _bundle_metadata(path: str, raw: str) -> dict:
+    """The bundle's metadata, checked for what `load` reads."""
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} has corrupt mass_ext metadata (not JSON: {error})") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} has corrupt mass_ext metadata (not a JSON object)")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has bundle format version {meta.get('format_version')}; "
+                         f"this mass_ext reads versions {list(READABLE_VERSIONS)}")
+    expected = {"task_names": list, "routed_layers": dict, "router": dict}
+    if meta.get("format_version", 0) >= 2:
+        expected["aliases"] = dict
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{path} has corrupt mass_ext metadata: {key!r} must be a JSON "
+                             f"{'array' if kind is list else 'object'}, got "
+                             f"{type(meta.get(key)).__name__}")
+    unknown = sorted(set(meta["router"]) - set(_ROUTER_SETTINGS))
+    if unknown:
+        raise ValueError(f"{path} has unknown router settings {unknown}")
+    return meta
 
 
 def stack_router_bases(bases: Sequence[torch.Tensor]) -> torch.Tensor:
     """Block-diagonal (T, sum r, sum d_in) stack of per-layer bases V (T, r_l, d_l); one
     layer's V is returned as is."""
+    if len(bases) == 0:
+        raise ValueError("bases must hold at least one layer's V, got none")
     if len(bases) == 1:
         return bases[0]
     T = bases[0].shape[0]
@@ -486,7 +637,8 @@ def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k:
 
 
 def _router_layer_list(router_layer: RouterLayers) -> list:
-    names = [router_layer] if isinstance(router_layer, str) else list(router_layer)
+    names = ([router_layer] if isinstance(router_layer, str)
+             else list(router_layer) if isinstance(router_layer, (list, tuple)) else [])
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"router_layer must be a layer name or a non-empty list of names, "
                          f"got {router_layer!r}")
@@ -498,14 +650,26 @@ def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
     a sample selected, use the head whose max logit is largest.
 
     head_logits: T tensors (B, C_t) (each task's head on the routed features).
-    Returns (task (B,) int64, prediction (B,) int64 class index within that task's head).
+    Returns (task (B,) int64, prediction (B,) int64 class index within that task's head);
+    both -1 for a sample that selected no task (every slot -1, e.g. a routing built by
+    hand: `route` always keeps the first slot).
     """
-    B = routing.indices.shape[0]
+    indices = routing.indices
+    if indices.dim() != 2:
+        raise ValueError(f"routing.indices must be (B, k), one row per sample, got shape "
+                         f"{tuple(indices.shape)}")
+    B = indices.shape[0]
+    shapes = [tuple(logits.shape) for logits in head_logits]
+    if not shapes or any(len(s) != 2 or s[0] != B or s[1] < 1 for s in shapes):
+        raise ValueError(f"head_logits must be one (B, C_t) tensor per task with B = {B} "
+                         f"(the routing's samples), got shapes {shapes}")
+    if indices.numel() and int(indices.max()) >= len(shapes):
+        raise ValueError(f"routing selects task {int(indices.max())}, but head_logits holds "
+                         f"only {len(shapes)} heads")
     best = torch.stack([logits.max(dim=-1).values.float() for logits in head_logits], dim=-1)
-    kept = routing.indices >= 0
-    candidate_scores = torch.where(kept, best.gather(-1, routing.indices.clamp(min=0)),
-                                   float("-inf"))
+    kept = indices >= 0
+    candidate_scores = torch.where(kept, best.gather(-1, indices.clamp(min=0)), float("-inf"))
     choice = candidate_scores.argmax(dim=-1)
-    task = routing.indices.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    task = torch.where(kept.any(-1), indices.gather(-1, choice.unsqueeze(-1)).squeeze(-1), -1)
     predictions = torch.stack([logits.argmax(dim=-1) for logits in head_logits], dim=-1)
-    return task, predictions[torch.arange(B), task]
+    return task, torch.where(task >= 0, predictions[torch.arange(B), task.clamp(min=0)], -1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import WEIGHTINGS, check_layer_inputs
+from ._validation import check_layer_inputs, check_routing_options
 
 
 def default_rank(d_out: int, d_in: int, num_tasks: int) -> int:
@@ -48,6 +48,10 @@ def decorrelate_factors(U: torch.Tensor, V: torch.Tensor):
     return U_stacked.reshape(d_out, T, r).permute(1, 0, 2), V_stacked.reshape(T, r, d_in)
 
 
+def _tasks_with_non_finite(factor: torch.Tensor) -> list:
+    return (~torch.isfinite(factor)).flatten(1).any(1).nonzero().flatten().tolist()
+
+
 class _RouteState(threading.local):
     """Per-thread routing instruction shared by the RoutedLinear layers of one model, so
     that threads calling the same model at once do not see each other's routing."""
@@ -79,10 +83,16 @@ class RoutedLinear(nn.Module):
     def __init__(self, weight, bias, U, S, V, *, top_k=1, temperature=1.0, threshold=0.0,
                  weighting="uniform"):
         super().__init__()
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        # The op's own shape/dtype checks, on an empty input of the right width.
+        # The op's own shape/dtype/option checks, now rather than at the first call, on an
+        # empty input of the right width.
         check_layer_inputs(weight.new_empty(0, weight.shape[-1]), weight, bias, U, S, V)
+        check_routing_options(top_k, V.shape[0], temperature, threshold, weighting)
+        # The op assumes finite factors (checking them would cost a pass over U, S and V
+        # per call): a non-finite entry of one task may spoil rows routed elsewhere.
+        for name, factor in (("U", U), ("S", S), ("V", V)):
+            if not bool(torch.isfinite(factor).all()):
+                raise ValueError(f"{name} must be finite: it holds NaN or inf in task(s) "
+                                 f"{_tasks_with_non_finite(factor)}")
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         # (T, r, d_out) storage; .U is its transposed view (T, d_out, r).
@@ -131,10 +141,17 @@ class RoutedLinear(nn.Module):
             return out
         # Per-sample decision (B, k), applied to every row of that sample.
         indices, weights = self.state.indices, self.state.weights
+        B, k = indices.shape
+        if x.dim() < 2 or x.shape[0] != B:
+            raise ValueError(
+                f"a routed layer's input must have the batch first (B, ..., in_features) "
+                f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
+                "applies one decision per sample: a layer that sees the batch flattened or "
+                "sequence-first cannot be routed per sample)")
         lead = x.shape[:-1]
         extra = (1,) * (len(lead) - 1)
-        indices = indices.view(lead[0], *extra, -1).expand(*lead, indices.shape[-1])
-        weights = weights.view(lead[0], *extra, -1).expand(*lead, weights.shape[-1])
+        indices = indices.view(B, *extra, k).expand(*lead, k)
+        weights = weights.view(B, *extra, k).expand(*lead, k)
         return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
                                  indices=indices, weights=weights)
 

@@ -1,0 +1,328 @@
+"""Model-level MASS on awkward architectures and bad input: layers that cannot be routed,
+shared and tied modules, routings that do not fit a layer's input, corrupt bundles,
+bad checkpoints and options. Each either works as documented or raises a clear error
+naming what is wrong; nothing is silently wrong, nothing is lost."""
+import copy
+import json
+import math
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+import mass_ext
+from mass_ext import MASS, RoutedLinear, Routing
+
+from .test_model import D_HIDDEN, D_IN, D_OUT, T, make_experts, task_inputs
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return make_experts()
+
+
+def _perturbed(model: nn.Module, seed: int, only=None) -> nn.Module:
+    """A 'fine-tuned' copy: every floating parameter (or those named in `only`) moved."""
+    g = torch.Generator().manual_seed(seed)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if only is None or name in only:
+                p += 0.1 * torch.randn(p.shape, generator=g)
+    return tuned
+
+
+def _bundle(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mass_ext"])
+
+
+def _write_bundle(path, tensors, meta):
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"mass_ext": meta if isinstance(meta, str) else json.dumps(meta)})
+    return path
+
+
+# ------------------------------------------------------------------ layers that cannot be routed
+
+def test_multihead_attention_out_proj_is_averaged_not_silently_ignored():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a routed layer
+    there would never apply its task update. MASS averages it instead, with a warning,
+    and refuses it as an explicit target."""
+    torch.manual_seed(0)
+    base = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    names = ["self_attn.out_proj.weight", "linear1.weight"]
+    finetuned = {f"t{t}": _perturbed(base, t, only=names) for t in range(2)}
+    with pytest.warns(UserWarning, match=r"self_attn\.out_proj \(its MultiheadAttention reads"):
+        mm = MASS.from_finetuned(base, finetuned, router_layer="linear1", progress=False)
+    assert list(mm.routed) == ["linear1"]
+    average = (finetuned["t0"].self_attn.out_proj.weight + finetuned["t1"].self_attn.out_proj.weight) / 2
+    torch.testing.assert_close(mm.model.self_attn.out_proj.weight, average)
+    with torch.no_grad():
+        assert mm(torch.randn(3, 5, 8)).shape == (3, 5, 8)
+    with pytest.raises(ValueError, match=r"cannot be routed: \['self_attn.out_proj'\]"):
+        MASS.from_finetuned(base, finetuned, router_layer="linear1", progress=False,
+                            target=["linear1", "self_attn.out_proj"])
+
+
+class _FlattensTokens(nn.Module):
+    """Its second Linear sees the tokens of all samples as one (B * L, d) batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(h.reshape(-1, h.shape[-1])).reshape(*x.shape[:-1], 4)
+
+
+def test_a_layer_that_does_not_see_the_batch_first_is_a_clear_error_in_two_pass():
+    torch.manual_seed(0)
+    base = _FlattensTokens()
+    mm = MASS.from_finetuned(base, {f"t{t}": _perturbed(base, t) for t in range(2)},
+                             router_layer="first", pooling="mean", progress=False)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 3.*\(6, 6\)"):
+        mm(torch.randn(3, 2, 6))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 2.*\(4, 6\)"):
+        mm.run(Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), None),
+               torch.randn(4, 6))
+    mm.mode = "per_layer"  # every layer routes its own rows: no per-sample decision
+    with torch.no_grad():
+        assert mm(torch.randn(3, 2, 6)).shape == (3, 2, 4)
+
+
+def test_empty_batch_and_unbatched_input(experts):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    with torch.no_grad():
+        assert mm(torch.randn(0, D_IN)).shape == (0, D_OUT)
+        assert mm.routing.indices.shape == (0, 1)
+        with pytest.raises(ValueError, match=r"batch first \(B, \.\.\., d\), got shape \(24,\)"):
+            mm(torch.randn(D_IN))
+
+
+# ------------------------------------------------------------------ shared and tied modules
+
+class _SharedLinear(nn.Module):
+    """One Linear registered under two names (applied twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_linear_registered_under_two_names_is_routed_under_both(tmp_path):
+    torch.manual_seed(0)
+    base = _SharedLinear()
+    finetuned = {f"t{t}": _perturbed(base, t, only=["a.weight"]) for t in range(2)}
+    mm = MASS.from_finetuned(base, finetuned, router_layer="a", rank=5, progress=False)
+    assert isinstance(mm.model.a, RoutedLinear) and mm.model.b is mm.model.a
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        for t, expert in enumerate(finetuned.values()):
+            known = Routing(torch.full((4, 1), t), torch.ones(4, 1), None)
+            torch.testing.assert_close(mm.run(known, x), expert(x), atol=1e-5, rtol=1e-5)
+    mm.save(tmp_path / "shared.safetensors")
+    loaded = MASS.load(tmp_path / "shared.safetensors", _SharedLinear())
+    assert loaded.model.b is loaded.model.a
+    with torch.no_grad():
+        assert torch.equal(loaded(x), mm(x))
+
+
+class _TiedHead(nn.Module):
+    """A token embedding tied to the output Linear (as in language models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_weights_fine_tuned_embedding_is_averaged_and_head_routed_from_the_base():
+    torch.manual_seed(0)
+    base = _TiedHead()
+    finetuned = {f"t{t}": _perturbed(base, t) for t in range(2)}
+    mm = MASS.from_finetuned(base, finetuned, router_layer="mix", progress=False)
+    assert set(mm.routed) == {"mix", "head"}
+    average = (finetuned["t0"].embed.weight + finetuned["t1"].embed.weight) / 2
+    torch.testing.assert_close(mm.model.embed.weight, average)
+    assert torch.equal(mm.model.head.weight, base.head.weight)   # deltas from the base
+
+
+def test_tied_weights_left_tied_are_saved_once_and_restored(tmp_path):
+    torch.manual_seed(0)
+    base = _TiedHead()
+    finetuned = {f"t{t}": _perturbed(base, t, only=["mix.weight"]) for t in range(2)}
+    mm = MASS.from_finetuned(base, finetuned, router_layer="mix", progress=False)
+    path = tmp_path / "tied.safetensors"
+    mm.save(path)
+    tensors, meta = _bundle(path)
+    assert meta["aliases"] == {"head.weight": "embed.weight"} and "head.weight" not in tensors
+    loaded = MASS.load(path, _TiedHead())
+    ids = torch.randint(0, 11, (3, 4))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), mm(ids))
+    assert loaded.model.head.weight is loaded.model.embed.weight
+
+
+# ------------------------------------------------------------------ options and checkpoints
+
+@pytest.mark.parametrize("options,message", [
+    (dict(top_k=99), r"top_k must be in 1..T = 1..3, got 99"),
+    (dict(temperature=-1.0), r"temperature must be a finite number > 0, got -1.0"),
+    (dict(threshold=math.nan), r"threshold must be a finite number, got nan"),
+    (dict(weighting="max"), r"weighting must be one of"),
+    (dict(rank=0), r"rank must be a positive int or None \(default\), got 0"),
+    (dict(rank=2.5), r"rank must be a positive int or None \(default\), got 2.5"),
+    (dict(router_layer=0), r"router_layer must be a layer name or a non-empty list"),
+])
+def test_bad_build_options_fail_before_the_factorisation(experts, options, message):
+    base, finetuned, _ = experts
+    options = dict(dict(router_layer="0", progress=False), **options)
+    with pytest.raises(ValueError, match=message):
+        MASS.from_finetuned(base, finetuned, **options)
+
+
+def test_target_as_a_string_is_refused(experts):
+    base, finetuned, _ = experts
+    with pytest.raises(TypeError, match=r"target must be a list of layer names, got the string '0'"):
+        MASS.from_finetuned(base, finetuned, router_layer="0", target="0", progress=False)
+
+
+def test_bad_checkpoint_values_and_files_name_the_task(experts, tmp_path):
+    base, finetuned, _ = experts
+    nan = {k: v.clone() for k, v in finetuned["task1"].state_dict().items()}
+    nan["2.weight"][0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"finetuned\['task1'\] parameter '2.weight' holds NaN or inf"):
+        MASS.from_finetuned(base, dict(finetuned, task1=nan), router_layer="0", progress=False)
+    ints = {k: v.round().long() for k, v in finetuned["task1"].state_dict().items()}
+    with pytest.raises(TypeError, match=r"finetuned\['task1'\] parameter '0.weight' must be "
+                                        r"floating point .*got torch.int64"):
+        MASS.from_finetuned(base, dict(finetuned, task1=ints), router_layer="0", progress=False)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"finetuned\['task1'\]: .*corrupt.safetensors is not a "
+                                         r"readable .safetensors state dict"):
+        MASS.from_finetuned(base, dict(finetuned, task1=str(corrupt)), router_layer="0",
+                            progress=False)
+
+
+def test_routed_linear_checks_its_options_and_factors_when_built():
+    g = torch.Generator().manual_seed(0)
+    W, U, S = torch.randn(4, 6, generator=g), torch.randn(2, 4, 3, generator=g), torch.rand(2, 3)
+    V = torch.linalg.qr(torch.randn(2, 6, 3, generator=g)).Q.transpose(1, 2)
+    with pytest.raises(ValueError, match=r"top_k must be in 1..T = 1..2, got 0"):
+        RoutedLinear(W, None, U, S, V, top_k=0)
+    bad = U.clone()
+    bad[1, 2, 0] = math.inf
+    with pytest.raises(ValueError, match=r"U must be finite: it holds NaN or inf in task\(s\) \[1\]"):
+        RoutedLinear(W, None, bad, S, V)
+
+
+def test_stack_router_bases_of_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match="bases must hold at least one layer's V"):
+        mass_ext.stack_router_bases([])
+
+
+# ------------------------------------------------------------------ pick_head
+
+def test_pick_head_checks_its_inputs_and_marks_samples_without_a_task():
+    routing = Routing(torch.tensor([[1, -1], [-1, -1]]), torch.ones(2, 2), None)
+    heads = [torch.randn(2, 3), torch.tensor([[0.0, 4.0], [1.0, 0.0]])]
+    task, prediction = mass_ext.pick_head(heads, routing)
+    assert task.tolist() == [1, -1] and prediction.tolist() == [1, -1]
+    with pytest.raises(ValueError, match=r"B = 2 .*got shapes \[\(2, 3\), \(3, 2\)\]"):
+        mass_ext.pick_head([torch.randn(2, 3), torch.randn(3, 2)], routing)
+    with pytest.raises(ValueError, match=r"got shapes \[\]"):
+        mass_ext.pick_head([], routing)
+    with pytest.raises(ValueError, match=r"selects task 1, but head_logits holds only 1 heads"):
+        mass_ext.pick_head(heads[:1], routing)
+
+
+# ------------------------------------------------------------------ bundles
+
+@pytest.fixture
+def saved(experts, tmp_path):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    mm.save(tmp_path / "good.safetensors")
+    tensors, meta = _bundle(tmp_path / "good.safetensors")
+    return base, tensors, meta
+
+
+def _corrupt(tensors, meta, tweak):
+    tensors, meta = dict(tensors), copy.deepcopy(meta)
+    tweak(tensors, meta)
+    return tensors, meta
+
+
+@pytest.mark.parametrize("tweak,message", [
+    (lambda t, m: t.pop("2.bias"), r"incomplete: missing \['2.bias'\]"),
+    (lambda t, m: t.pop("0.U_t"), r"incomplete: missing \['0.U_t'\]"),
+    (lambda t, m: t.update({"2.U_t": t["2.U_t"][:2].clone(), "2.S": t["2.S"][:2].clone(),
+                            "2.V": t["2.V"][:2].clone()}),
+     r"invalid settings: every routed layer must hold one block per task \(3 task_names\).*'2': 2"),
+    (lambda t, m: m.update(task_names=["a", "b"]), r"one block per task \(2 task_names\)"),
+    (lambda t, m: m.update(task_names=["a", "a", "b"]), r"task_names must be distinct"),
+    (lambda t, m: m.pop("routed_layers"), r"'routed_layers' must be a JSON object, got NoneType"),
+    (lambda t, m: m["router"].update(colour="red"), r"unknown router settings \['colour'\]"),
+    (lambda t, m: m["router"].update(top_k=7), r"top_k must be in 1..T = 1..3, got 7"),
+    (lambda t, m: t.update({"0.S": t["0.S"].double()}),
+     r"routed layer '0' is invalid: S must have the dtype of x \(float32\), got float64"),
+    (lambda t, m: t.update({"0.U_t": t["0.U_t"][0].clone()}), r"routed layer '0' is invalid"),
+], ids=["no bias", "no U", "fewer tasks in one layer", "fewer task names", "repeated task names",
+        "no routed_layers", "unknown setting", "bad top_k", "float64 factor", "2-D U"])
+def test_incomplete_or_inconsistent_bundles_are_refused(saved, tmp_path, tweak, message):
+    base, tensors, meta = saved
+    path = _write_bundle(tmp_path / "bad.safetensors", *_corrupt(tensors, meta, tweak))
+    with pytest.raises(ValueError, match=message):
+        MASS.load(path, copy.deepcopy(base))
+
+
+def test_bundle_with_metadata_that_is_not_json_is_refused(saved, tmp_path):
+    base, tensors, _ = saved
+    path = _write_bundle(tmp_path / "bad.safetensors", tensors, "{not json")
+    with pytest.raises(ValueError, match="corrupt mass_ext metadata \\(not JSON"):
+        MASS.load(path, copy.deepcopy(base))
+
+
+def test_version_1_bundles_still_load(saved, tmp_path):
+    base, tensors, meta = saved
+    meta = dict(meta, format_version=1)
+    del meta["aliases"]
+    path = _write_bundle(tmp_path / "v1.safetensors", tensors, meta)
+    assert MASS.load(path, copy.deepcopy(base)).task_names == meta["task_names"]
+
+
+def test_save_keeps_permissions_and_follows_symbolic_links(experts, tmp_path):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    fresh = tmp_path / "fresh.safetensors"
+    mm.save(fresh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    fresh.chmod(0o640)
+    mm.save(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(fresh)
+    fresh.write_bytes(b"old")
+    mm.save(link)
+    assert link.is_symlink() and fresh.stat().st_size > 3
+    assert sorted(os.listdir(tmp_path)) == ["fresh.safetensors", "link.safetensors"]
+    with pytest.raises(IsADirectoryError, match="path must name a file"):
+        mm.save(tmp_path)
