@@ -13,34 +13,134 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
+import tempfile
 
 import torch
 
 from .model import FIRST_PASSES, MODES, POOLINGS
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _finite_float(text: str) -> float:
+    value = _float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def load_base(spec: str) -> torch.nn.Module:
     if os.path.isdir(spec):
-        import transformers
-
+        try:
+            import transformers
+        except ImportError as error:
+            raise ValueError(f"--base {spec} is a model folder, which needs transformers: "
+                             f"{error}") from error
         return transformers.AutoModel.from_pretrained(spec, local_files_only=True).eval()
     module_name, sep, function = spec.partition(":")
-    if not sep:
-        raise SystemExit(f"--base must be a model folder or package.module:function, got {spec!r}")
-    return getattr(importlib.import_module(module_name), function)()
+    if not (sep and module_name and function):
+        raise ValueError(f"--base must be a model folder or package.module:function, got {spec!r}")
+    # The console script, unlike python -m, does not put the working folder on sys.path.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--base {spec}: cannot import module {module_name!r}: {error}") from error
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ValueError(f"--base {spec}: module {module_name!r} has no function {function!r}"
+                         + ("" if factory is None else f" (it is a {type(factory).__name__})"))
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"--base {spec} must return a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    return model
 
 
-def load_checkpoint(spec: str):
+def load_checkpoint(spec: str, name: str) -> str:
+    """The .safetensors file of --task NAME=SPEC (SPEC a file or a model folder)."""
     if os.path.isdir(spec):
         path = os.path.join(spec, "model.safetensors")
-        if not os.path.exists(path):
-            raise SystemExit(f"{spec} holds no model.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"--task {name}: the folder {spec} holds no model.safetensors")
         return path
-    if not os.path.exists(spec):
-        raise SystemExit(f"checkpoint {spec} does not exist")
+    if not os.path.isfile(spec):
+        raise ValueError(f"--task {name}: checkpoint {spec} does not exist")
     return spec
+
+
+def parse_tasks(items: list) -> dict:
+    """--task NAME=CHECKPOINT items -> {name: .safetensors file}, in the order given."""
+    tasks = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not (sep and name and spec):
+            raise ValueError(f"--task must be NAME=CHECKPOINT, got {item!r}")
+        if name in tasks:
+            # A dict would silently keep the last one: the bundle would lack a task.
+            raise ValueError(f"--task name {name!r} is given twice; task names must be unique")
+        tasks[name] = load_checkpoint(spec, name)
+    return tasks
+
+
+def check_output(output: str, inputs: list) -> None:
+    """Fails before the slow build on an output that cannot be written, and never lets the
+    bundle replace an input (a checkpoint, a file of the base folder) or a file that is
+    not a mass_ext bundle."""
+    if os.path.isdir(output) or not os.path.basename(output):
+        raise ValueError(f"-o must name a bundle file, got the folder {output!r}")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ValueError(f"-o {output}: the folder {folder} does not exist")
+    for path in inputs:
+        if os.path.realpath(path) == os.path.realpath(output) or (
+                os.path.exists(output) and os.path.samefile(path, output)):
+            raise ValueError(f"-o {output} is an input of this build ({path}); "
+                             "choose another output file")
+    if os.path.isfile(output) and os.path.getsize(output) > 0 and not _is_bundle(output):
+        raise ValueError(f"-o {output} exists and is not a mass_ext bundle; refusing to "
+                         "overwrite it (remove it or choose another output file)")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"-o {output}: cannot write to the folder {folder}: {error}") from error
+
+
+def _is_bundle(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "mass_ext" in (f.metadata() or {})
+    except Exception:  # safetensors raises several types for a bad file
+        return False
 
 
 def _strip_prefix(state: dict, keys: set) -> dict:
@@ -57,21 +157,37 @@ def _strip_prefix(state: dict, keys: set) -> dict:
 
 
 def build(args) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .model import MASS
 
+    # Every check that needs no model first: a mistake costs seconds, not a build.
+    tasks = parse_tasks(args.task)
+    if args.top_k > len(tasks):
+        raise ValueError(f"--top-k must be at most the number of tasks ({len(tasks)}), "
+                         f"got {args.top_k}")
+    twice = sorted({name for name in args.router_layer if args.router_layer.count(name) > 1})
+    if twice:
+        raise ValueError(f"--router-layer names each layer once; given more than once: {twice}")
+    inputs = list(tasks.values())
+    if os.path.isdir(args.base):
+        inputs += [entry.path for entry in os.scandir(args.base) if entry.is_file()]
+    check_output(args.output, inputs)
+
     base = load_base(args.base)
     keys = set(base.state_dict())
     finetuned = {}
-    for item in args.task:
-        name, sep, spec = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--task must be NAME=CHECKPOINT, got {item!r}")
-        finetuned[name] = _strip_prefix(load_file(load_checkpoint(spec)), keys)
+    for name, path in tasks.items():
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"--task {name}: {path} is not a readable safetensors file: "
+                             f"{error}") from error
+        finetuned[name] = _strip_prefix(state, keys)
+    router_layer = args.router_layer[0] if len(args.router_layer) == 1 else args.router_layer
     mm = MASS.from_finetuned(
-        base, finetuned, rank=args.rank, router_layer=(args.router_layer[0] if len(args.router_layer) == 1 else args.router_layer),
-        pooling=args.pooling,
+        base, finetuned, rank=args.rank, router_layer=router_layer, pooling=args.pooling,
         top_k=args.top_k, temperature=args.temperature, threshold=args.threshold,
         weighting=args.weighting, mode=args.mode, first_pass=args.first_pass,
         decorrelate=args.decorrelate, progress=True)
@@ -82,17 +198,20 @@ def build(args) -> None:
 def describe(path: str) -> str:
     from safetensors import safe_open
 
+    from .model import _bundle_metadata
+
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file")
+        raise ValueError(f"{path} is a folder, not a bundle file" if os.path.isdir(path)
+                         else f"{path}: no such file")
     try:
         handle = safe_open(path, framework="pt")
     except Exception as error:  # safetensors raises several types for a bad file
-        raise SystemExit(f"{path} is not a readable safetensors file: {error}") from error
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     with handle as f:
         raw = (f.metadata() or {}).get("mass_ext")
         if raw is None:
-            raise SystemExit(f"{path} is not a mass_ext bundle")
-        meta = json.loads(raw)
+            raise ValueError(f"{path} is not a mass_ext bundle (no 'mass_ext' metadata)")
+        meta = _bundle_metadata(path, raw)  # what MASS.load checks, with its messages
         factor_bytes = base_bytes = 0
         for key in f.keys():
             tensor_slice = f.get_slice(key)
@@ -103,23 +222,29 @@ def describe(path: str) -> str:
                 factor_bytes += nbytes
             else:
                 base_bytes += nbytes
-    ranks = {v["rank"] for v in meta["routed_layers"].values()}
-    router = meta["router"]
-    lines = [
-        f"bundle      {path} (format version {meta['format_version']})",
-        f"tasks       {len(meta['task_names'])}: {', '.join(meta['task_names'])}",
-        f"routed      {len(meta['routed_layers'])} Linear layers, rank "
-        f"{min(ranks)}..{max(ranks)}" if ranks else "routed      none",
-        "router      " + ", ".join(f"{k}={v}" for k, v in router.items()),
+    # The metadata is a file's content, not ours: a missing key or a wrong type is bad input.
+    try:
+        ranks = {v["rank"] for v in meta["routed_layers"].values()}
+        router = meta["router"]
+        lines = [
+            f"bundle      {path} (format version {meta['format_version']})",
+            f"tasks       {len(meta['task_names'])}: {', '.join(meta['task_names'])}",
+            f"routed      {len(meta['routed_layers'])} Linear layers, rank "
+            f"{min(ranks)}..{max(ranks)}" if ranks else "routed      none",
+            "router      " + ", ".join(f"{k}={v}" for k, v in router.items()),
+        ]
+    except (KeyError, TypeError, AttributeError) as error:
+        problem = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"{path}: bad mass_ext metadata ({problem})") from error
+    lines.append(
         f"size        {os.path.getsize(path) / 2**20:.1f} MiB = base {base_bytes / 2**20:.1f} MiB"
         f" + task factors {factor_bytes / 2**20:.1f} MiB "
-        f"({(base_bytes + factor_bytes) / max(base_bytes, 1):.2f}x the base model)",
-    ]
+        f"({(base_bytes + factor_bytes) / max(base_bytes, 1):.2f}x the base model)")
     return "\n".join(lines)
 
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-          "U8": 1, "BOOL": 1}
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+          "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def main(argv=None) -> None:
@@ -131,11 +256,11 @@ def main(argv=None) -> None:
     b.add_argument("--router-layer", required=True, action="append",
                    help="name of the Linear whose input routes; repeat it to route on "
                         "several layers together")
-    b.add_argument("--rank", type=int, default=None)
+    b.add_argument("--rank", type=_positive_int, default=None)
     b.add_argument("--pooling", default="cls", choices=POOLINGS)
-    b.add_argument("--top-k", type=int, default=1)
-    b.add_argument("--temperature", type=float, default=1.0)
-    b.add_argument("--threshold", type=float, default=0.0)
+    b.add_argument("--top-k", type=_positive_int, default=1)
+    b.add_argument("--temperature", type=_positive_float, default=1.0)
+    b.add_argument("--threshold", type=_finite_float, default=0.0)
     b.add_argument("--weighting", default="uniform", choices=["uniform", "softmax", "renormalized"])
     b.add_argument("--mode", default="two_pass", choices=list(MODES))
     b.add_argument("--first-pass", default="pretrained", choices=list(FIRST_PASSES))
@@ -144,10 +269,16 @@ def main(argv=None) -> None:
     i = sub.add_parser("info", help="tasks, ranks, sizes and router settings of a bundle")
     i.add_argument("bundle")
     args = parser.parse_args(argv)
-    if args.command == "build":
-        build(args)
-    else:
-        print(describe(args.bundle))
+    try:
+        if args.command == "build":
+            build(args)
+        else:
+            print(describe(args.bundle))
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        # Bad input (the model code raises ValueError/TypeError with full sentences): one
+        # line, as argparse does. Other exceptions are bugs and keep their traceback.
+        problem = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
 
 
 if __name__ == "__main__":
