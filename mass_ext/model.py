@@ -26,6 +26,8 @@ READABLE_VERSIONS = (1, 2)
 FIRST_PASSES = ("pretrained", "tsvm", "per_layer")
 POOLINGS = ("cls", "mean", "tokens")
 MODES = ("two_pass", "per_layer")
+# Keyword arguments through which transformers models take a KV cache.
+_CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_params", "past_key_value")
 
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 RouterLayers = Union[str, Sequence[str]]
@@ -126,8 +128,7 @@ class MASS(nn.Module):
                  weighting: str = "uniform", mode: str = "two_pass",
                  first_pass: str = "pretrained", first_pass_scale: float = 1.0):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         if first_pass not in FIRST_PASSES:
             raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
         if not callable(pooling) and pooling not in POOLINGS:
@@ -150,7 +151,7 @@ class MASS(nn.Module):
                 raise ValueError(
                     f"router_layer must name routed Linear layers; {name!r} is not one. "
                     f"Routed layers: {sorted(self.routed)}")
-        self.router_layer, self.pooling, self.mode = router_layer, pooling, mode
+        self.router_layer, self.pooling = router_layer, pooling
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
@@ -164,12 +165,47 @@ class MASS(nn.Module):
         taken the layers since (so two wrappers over one model must not run at the same
         time), and top_k etc. may have been changed on this one."""
         options = (self.top_k, self.temperature, self.threshold, self.weighting)
+        # Called outside a pass (e.g. the model's own generate), a two-pass model's layers
+        # refuse: routing each row by itself would silently be per-layer MASS.
+        idle = "self" if self.mode == "per_layer" else "unrouted"
         for layer in self.routed.values():
             # Reads are cheap, nn.Module's __setattr__ is not: write only what changed.
             if layer.state is not self._state:
                 layer.state = self._state
             if (layer.top_k, layer.temperature, layer.threshold, layer.weighting) != options:
                 layer.top_k, layer.temperature, layer.threshold, layer.weighting = options
+            if layer.idle_mode != idle:
+                layer.idle_mode = idle
+
+    @property
+    def mode(self) -> str:
+        """"two_pass" (the paper: pass 1 routes each sample) or "per_layer" (every routed
+        layer routes each of its rows)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._mode = mode
+        if "_state" in self.__dict__:
+            self._bind_layers()
+
+    @contextlib.contextmanager
+    def _pass(self, mode: Optional[str], routing: Optional[Routing] = None,
+              repeat_samples: bool = False):
+        """This thread's routed layers run in `mode` ("self", "base", "prerouted" with
+        `routing`) within the block; the previous instruction is restored after it."""
+        self._bind_layers()
+        state = self._state
+        before = (state.mode, state.indices, state.weights, state.repeat_samples)
+        state.mode, state.repeat_samples = mode, repeat_samples
+        state.indices, state.weights = (None, None) if routing is None else (
+            routing.indices, routing.weights)
+        try:
+            yield
+        finally:
+            state.mode, state.indices, state.weights, state.repeat_samples = before
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -276,10 +312,8 @@ class MASS(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def forward(self, *args, **kwargs):
-        self._bind_layers()
         if self.mode == "per_layer":
-            self._state.mode = "self"
-            with self._capture_router_inputs(early_exit=False) as captured:
+            with self._pass("self"), self._capture_router_inputs(early_exit=False) as captured:
                 out = self.model(*args, **kwargs)
             self.routing = self.decide(self._pooled(captured, kwargs), kwargs)
             return out
@@ -289,13 +323,31 @@ class MASS(nn.Module):
         """Pass 2 only: every routed layer applies `routing` (indices/weights (B, k), one
         row per sample, e.g. from `route`, or known task ids with weight 1) to all rows of
         its sample, in one batched pass whatever mix of tasks the batch holds."""
-        self._bind_layers()
-        self._state.mode, self._state.indices, self._state.weights = (
-            "prerouted", routing.indices, routing.weights)
-        try:
+        with self.applying(routing):
             return self.model(*args, **kwargs)
-        finally:
-            self._state.mode, self._state.indices, self._state.weights = "self", None, None
+
+    def applying(self, routing: Routing, repeat_samples: bool = False):
+        """Context manager: within it, in this thread, every routed layer applies `routing`
+        (B, k) to the rows of each sample, however the model is called (its forward, a
+        method of it such as `generate`, a pipeline). Each layer must see the batch first;
+        with repeat_samples, a batch of m * B rows holds each sample m times in a row (as
+        `generate` expands prompts for beams or several sequences)."""
+        return self._pass("prerouted", routing, repeat_samples)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **kwargs):
+        """The model's own `generate` (a transformers generative model) with MASS: in
+        two-pass mode, pass 1 routes each prompt (input_ids, attention_mask) once and
+        every token generated for it, with the KV cache, beams or several sequences per
+        prompt, uses that decision (`self.routing`); per-layer, every token routes itself."""
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        if self.mode == "per_layer":
+            with self._pass("self"):
+                return self.model.generate(**inputs, **kwargs)
+        with self.applying(self.route(**inputs), repeat_samples=True):
+            return self.model.generate(**inputs, **kwargs)
 
     def route(self, *args, **kwargs) -> Routing:
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
@@ -322,15 +374,21 @@ class MASS(nn.Module):
         """Pass 1 up to the (last) router layer: the pooled input of each router layer,
         (B, d_in) per layer ((B, L, d_in) for pooling="tokens"), in `router_layers` order.
         `decide` turns them into `route`'s decision, for any top_k or threshold."""
-        self._bind_layers()
-        with self._capture_router_inputs(early_exit=True) as captured:
-            self._first_pass_state(args, kwargs)
+        # Pass 1 stops inside the model: a KV cache passed in would keep its entries, and
+        # pass 2 would add its own after them.
+        cached = [name for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None]
+        if cached:
+            raise ValueError(
+                f"two-pass MASS cannot take a KV cache ({cached[0]}=...): pass 1 would add to "
+                "it. Route each prompt once and keep the decision for its tokens: "
+                "mm.generate(...), or mm.run(mm.route(...), ..., past_key_values=...) for "
+                "your own decoding loop")
+        with self._pass(*self._first_pass(args, kwargs)), \
+                self._capture_router_inputs(early_exit=True) as captured:
             try:
                 self.model(*args, **kwargs)
             except _EarlyExit:
                 pass
-            finally:
-                self._state.mode, self._state.indices, self._state.weights = "self", None, None
         return self._pooled(captured, kwargs)
 
     @contextlib.contextmanager
@@ -375,23 +433,20 @@ class MASS(nn.Module):
             self._router_bases, self._router_bases_key = stack_router_bases(Vs), key
         return self._router_bases
 
-    def _first_pass_state(self, args, kwargs) -> None:
+    def _first_pass(self, args, kwargs) -> tuple:
+        """(mode, routing) of the routed layers in pass 1."""
         if self.first_pass == "pretrained":
-            self._state.mode = "base"
-            return
+            return "base", None
         if self.first_pass == "per_layer":
-            self._state.mode = "self"  # every routed layer routes its own rows
-            return
+            return "self", None  # every routed layer routes its own rows
         # TSV-M: every task's block, scaled, for every sample (batch size from the input).
         first = next(iter(args), None)
         if first is None:
             first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        T = len(self.task_names)
-        device = first.device
-        self._state.mode = "prerouted"
-        self._state.indices = torch.arange(T, device=device).expand(first.shape[0], T)
-        self._state.weights = torch.full((first.shape[0], T), self.first_pass_scale,
-                                         device=device)
+        T, B = len(self.task_names), first.shape[0]
+        indices = torch.arange(T, device=first.device).expand(B, T)
+        return "prerouted", Routing(indices, torch.full((B, T), self.first_pass_scale,
+                                                        device=first.device), None)
 
     def _pool(self, x: torch.Tensor, kwargs) -> torch.Tensor:
         if callable(self.pooling):

@@ -57,9 +57,10 @@ class _RouteState(threading.local):
     that threads calling the same model at once do not see each other's routing."""
 
     def __init__(self):
-        self.mode = "self"          # "self" | "base" | "prerouted"
+        self.mode = None            # None (no pass under way) | "self" | "base" | "prerouted"
         self.indices = None         # (B, k) per sample, for "prerouted"
         self.weights = None
+        self.repeat_samples = False  # "prerouted": a batch of m * B rows is each sample m times
 
     def __reduce__(self):
         # Copies and pickles start with no routing instruction (thread-locals do not pickle).
@@ -102,6 +103,9 @@ class RoutedLinear(nn.Module):
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
         self.state: Optional[_RouteState] = None  # set by MASS
+        # What a call outside any MASS pass does: "self" (route each row), or "unrouted"
+        # (refuse: set by a two-pass MASS, whose decisions come from its pass 1).
+        self.idle_mode = "self"
         self.last_routing = None                  # (indices, weights) of the last self-routed call
 
     @property
@@ -130,7 +134,14 @@ class RoutedLinear(nn.Module):
                 f"top_k={self.top_k}, weighting={self.weighting!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = "self" if self.state is None else self.state.mode
+        mode = "self" if self.state is None else self.state.mode or self.idle_mode
+        if mode == "unrouted":
+            raise RuntimeError(
+                "this RoutedLinear belongs to a two-pass MASS model, whose per-sample "
+                "decision comes from its pass 1: call the model through the MASS wrapper "
+                "(mm(...), mm.run(routing, ...), mm.generate(...) or `with "
+                "mm.applying(routing): ...`), or set mm.mode = 'per_layer' to route every row "
+                "by itself")
         if mode == "base":
             return F.linear(x, self.weight, self.bias)
         if mode == "self":
@@ -142,6 +153,10 @@ class RoutedLinear(nn.Module):
         # Per-sample decision (B, k), applied to every row of that sample.
         indices, weights = self.state.indices, self.state.weights
         B, k = indices.shape
+        if self.state.repeat_samples and x.dim() >= 2 and B and x.shape[0] % B == 0:
+            repeats = x.shape[0] // B   # generate's beams / sequences per prompt, in order
+            indices, weights = indices.repeat_interleave(repeats, 0), weights.repeat_interleave(repeats, 0)
+            B = x.shape[0]
         if x.dim() < 2 or x.shape[0] != B:
             raise ValueError(
                 f"a routed layer's input must have the batch first (B, ..., in_features) "
