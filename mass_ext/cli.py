@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 
 import torch
 
@@ -143,24 +144,36 @@ def _is_bundle(path: str) -> bool:
         return False
 
 
-def _strip_prefix(state: dict, keys: set) -> dict:
+class _BaseKeys(Mapping):
+    """The base model's keys of a checkpoint, read lazily: key -> checkpoint[prefix + key]."""
+
+    def __init__(self, checkpoint: Mapping, prefix: str, keys: set):
+        self.checkpoint, self.prefix, self.keys_ = checkpoint, prefix, sorted(keys)
+
+    def __getitem__(self, key: str):
+        return self.checkpoint[self.prefix + key]
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def _strip_prefix(state: Mapping, keys: set) -> Mapping:
     """HF checkpoints of a task model (e.g. BertForSequenceClassification) prefix the
-    encoder's keys ("bert.") and add heads: keep the base model's keys only."""
-    if set(state) >= keys:
-        return {k: state[k] for k in keys}
-    prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
-    for prefix in sorted(prefixes):
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(stripped) >= keys:
-            return {k: stripped[k] for k in keys}
+    encoder's keys ("bert.") and add heads: keep the base model's keys only (no tensor is
+    read here)."""
+    names = set(state)
+    prefixes = {k.split(".", 1)[0] + "." for k in names if "." in k}
+    for prefix in ["", *sorted(prefixes)]:
+        if {prefix + k for k in keys} <= names:
+            return _BaseKeys(state, prefix, keys)
     return state
 
 
 def build(args) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .model import MASS
+    from .model import MASS, _SafetensorsCheckpoint
 
     # Every check that needs no model first: a mistake costs seconds, not a build.
     tasks = parse_tasks(args.task)
@@ -177,14 +190,9 @@ def build(args) -> None:
 
     base = load_base(args.base)
     keys = set(base.state_dict())
-    finetuned = {}
-    for name, path in tasks.items():
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"--task {name}: {path} is not a readable safetensors file: "
-                             f"{error}") from error
-        finetuned[name] = _strip_prefix(state, keys)
+    # Read tensor by tensor during the build: T checkpoints are never all in memory.
+    finetuned = {name: _strip_prefix(_SafetensorsCheckpoint(path, f"--task {name}"), keys)
+                 for name, path in tasks.items()}
     router_layer = args.router_layer[0] if len(args.router_layer) == 1 else args.router_layer
     mm = MASS.from_finetuned(
         base, finetuned, rank=args.rank, router_layer=router_layer, pooling=args.pooling,

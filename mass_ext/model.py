@@ -33,21 +33,49 @@ Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 RouterLayers = Union[str, Sequence[str]]
 
 
-def _state_dict(checkpoint: Checkpoint, name: str) -> dict:
+def _state_dict(checkpoint: Checkpoint, name: str) -> Mapping[str, torch.Tensor]:
     if isinstance(checkpoint, nn.Module):
         return {k: v.detach() for k, v in checkpoint.state_dict().items()}
     if isinstance(checkpoint, Mapping):
         return dict(checkpoint)
     if isinstance(checkpoint, (str, os.PathLike)):
-        from safetensors.torch import load_file
-        path = os.fspath(checkpoint)
-        try:
-            return load_file(path)
-        except Exception as error:  # safetensors raises several types for a bad file
-            raise ValueError(f"finetuned[{name!r}]: {path} is not a readable .safetensors "
-                             f"state dict ({type(error).__name__}: {error})") from error
+        return _SafetensorsCheckpoint(os.fspath(checkpoint), f"finetuned[{name!r}]")
     raise TypeError(f"finetuned[{name!r}] must be an nn.Module, a state dict or a path to a "
                     f".safetensors file, got {type(checkpoint).__name__}")
+
+
+class _SafetensorsCheckpoint(Mapping):
+    """A .safetensors state dict read one tensor at a time, when asked: building from T
+    checkpoint files holds one layer of each in memory, not T whole models."""
+
+    def __init__(self, path: str, argument: str):
+        from safetensors import safe_open
+
+        self.path, self.argument = path, argument  # the argument it came from, for errors
+        try:
+            self._file = safe_open(path, framework="pt")
+            self._keys = list(self._file.keys())
+            self._key_set = set(self._keys)
+        except Exception as error:  # safetensors raises several types for a bad file
+            raise self._unreadable(error) from error
+
+    def _unreadable(self, error: Exception) -> ValueError:
+        return ValueError(f"{self.argument}: {self.path} is not a readable "
+                          f".safetensors state dict ({type(error).__name__}: {error})")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as error:
+            raise self._unreadable(error) from error
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _check_checkpoint(name: str, state: dict, base_state: dict) -> None:

@@ -210,7 +210,7 @@ def test_bad_build_inputs(tasks, tmp_path, capsys):
         (with_base("tests.test_cli:NOT_CALLABLE"), ["--base", "'NOT_CALLABLE'", "int"]),
         (with_base("no_folder_no_colon"), ["--base must be", "'no_folder_no_colon'"]),
         (with_base(BASE, ["--task", f"t0={corrupt}", "--task", f"t1={b}"]),
-         ["--task t0", "corrupt.safetensors", "not a readable safetensors file"]),
+         ["--task t0", "corrupt.safetensors", "not a readable .safetensors state dict"]),
         (with_base(BASE, ["--task", f"t0={empty_folder}", "--task", f"t1={b}"]),
          ["--task t0", "holds no model.safetensors"]),
         (with_base(BASE, ["--task", f"t0={tmp_path / 'gone.safetensors'}"]),
