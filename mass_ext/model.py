@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
+import math
 import os
 import stat
 import threading
@@ -18,7 +20,7 @@ from torch import nn
 
 from . import ops, reference
 from ._validation import check_routing_options
-from .nn import RoutedLinear, _RouteState, default_rank
+from .nn import RoutedLinear, _RouteState, default_rank, is_linear, linear_weight
 from .routing import Routing
 
 FORMAT_VERSION = 2        # 2: tensors shared under several names stored once ("aliases")
@@ -78,6 +80,38 @@ class _SafetensorsCheckpoint(Mapping):
         return len(self._keys)
 
 
+def _keep_output_layer_untied(model: nn.Module) -> None:
+    """A routed output layer keeps its own base weight, while the input embeddings it was
+    tied to are averaged: a transformers model would re-tie them on tie_weights() (e.g.
+    in resize_token_embeddings) unless its config says not to."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        output_layer = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if isinstance(output_layer, RoutedLinear):
+        config.tie_word_embeddings = False
+
+
+def _warn_averaged_matrices(base: nn.Module, merged: dict, readers: dict) -> None:
+    """One warning naming the weight matrices whose task updates were averaged though
+    they are not embeddings (which MASS averages by design)."""
+    averaged = []
+    for key, value in merged.items():
+        owner, _, _ = key.rpartition(".")
+        module = base.get_submodule(owner) if owner else base
+        if value.dim() < 2 or isinstance(module, nn.Embedding):
+            continue
+        why = (f"its {readers[owner]} reads the weight without calling the layer"
+               if owner in readers else f"a {type(module).__name__}, not a Linear layer")
+        averaged.append(f"{key} ({why})")
+    if averaged:
+        warnings.warn("not routed, their task updates averaged instead: " + ", ".join(averaged),
+                      stacklevel=3)
+
+
 def _check_checkpoint(name: str, state: dict, base_state: dict) -> None:
     """Same keys and shapes as the base, floating where the base is, finite."""
     missing = sorted(set(base_state) - set(state))
@@ -102,17 +136,34 @@ def _check_checkpoint(name: str, state: dict, base_state: dict) -> None:
 
 
 def _linear_names(model: nn.Module) -> list:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Layers MASS can route: nn.Linear and transformers' Conv1D (GPT-2)."""
+    return [name for name, m in model.named_modules() if is_linear(m)]
+
+
+# Modules that may read their Linear children's weights without calling them, so a routed
+# layer there would never route: nn.MultiheadAttention passes out_proj.weight to
+# F.multi_head_attention_forward; nn.TransformerEncoderLayer's inference fast path (eval,
+# no grad) reads linear1 and linear2's weights.
+_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def _weight_readers(model: nn.Module) -> dict:
-    """Linear layers whose parent reads their weight without calling them (so a routed
-    layer there would never route): name -> the parent's type. nn.MultiheadAttention
-    passes out_proj.weight to F.multi_head_attention_forward."""
+    """Linear layers whose parent reads their weight without calling them: name -> the
+    parent's type."""
     return {f"{parent_name}.{child}" if parent_name else child: type(parent).__name__
             for parent_name, parent in model.named_modules()
-            if isinstance(parent, nn.MultiheadAttention)
+            if isinstance(parent, _WEIGHT_READERS)
             for child, m in parent.named_children() if isinstance(m, nn.Linear)}
+
+
+def _canonical_name(model: nn.Module, name: str) -> str:
+    """The first name of the module registered at `name` (a module registered under two
+    names is known by its first); `name` itself when there is no such module."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return name
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -173,13 +224,17 @@ class MASS(nn.Module):
                              f"({len(self.task_names)} task_names), but these hold another "
                              f"number: {other_counts}")
         check_routing_options(top_k, len(self.task_names), temperature, threshold, weighting)
-        self.router_layers = _router_layer_list(router_layer)
+        self.router_layers = _router_layer_list(router_layer, model)
         for name in self.router_layers:
             if name not in self.routed:
                 raise ValueError(
                     f"router_layer must name routed Linear layers; {name!r} is not one. "
                     f"Routed layers: {sorted(self.routed)}")
         self.router_layer, self.pooling = router_layer, pooling
+        if isinstance(first_pass_scale, bool) or not isinstance(first_pass_scale, (int, float)) \
+                or not math.isfinite(first_pass_scale) or first_pass_scale <= 0:
+            raise ValueError(f"first_pass_scale must be a finite number > 0, got "
+                             f"{first_pass_scale!r}")
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
@@ -273,30 +328,26 @@ class MASS(nn.Module):
         linears = _linear_names(base)
         readers = _weight_readers(base)
         if target is None:
-            target = [n for n in linears
-                      if any(not torch.equal(s[f"{n}.weight"], base_state[f"{n}.weight"])
-                             for s in states)]
-            if any(n in readers for n in target):
-                warnings.warn(
-                    "not routed, their task updates averaged instead: "
-                    + ", ".join(f"{n} (its {readers[n]} reads the weight without calling "
-                                "the layer)" for n in target if n in readers), stacklevel=2)
-                target = [n for n in target if n not in readers]
+            target = [n for n in linears if n not in readers
+                      and any(not torch.equal(s[f"{n}.weight"], base_state[f"{n}.weight"])
+                              for s in states)]
         else:
-            target = list(target)
+            target = [_canonical_name(base, n) for n in target]
             unknown = [n for n in target if n not in linears]
             if unknown:
-                raise ValueError(f"target names layers that are not nn.Linear: {unknown}; "
-                                 f"Linear layers: {linears}")
+                raise ValueError(f"target names layers that are not Linear layers (nn.Linear "
+                                 f"or transformers' Conv1D): {unknown}; Linear layers: "
+                                 f"{linears}")
             unroutable = [n for n in target if n in readers]
             if unroutable:
                 raise ValueError(f"target names layers that cannot be routed: {unroutable} "
                                  "(their parent reads the weight without calling the layer: "
                                  f"{sorted(set(readers[n] for n in unroutable))})")
-        for name in _router_layer_list(router_layer):
+        for name in _router_layer_list(router_layer, base):
             if name not in linears:
-                raise ValueError(f"router_layer {name!r} is not an nn.Linear of the base "
-                                 f"model; Linear layers: {linears}")
+                raise ValueError(f"router_layer {name!r} is not a Linear layer (nn.Linear or "
+                                 f"transformers' Conv1D) of the base model; Linear layers: "
+                                 f"{linears}")
             if name not in target:
                 raise ValueError(f"router_layer {name!r} is not routed (no task changes it, "
                                  f"or it is not in target); routed layers: {list(target)}")
@@ -310,18 +361,21 @@ class MASS(nn.Module):
         # those are loaded: a weight tied to a routed one (e.g. an embedding tied to an
         # output Linear) then keeps its mean, and the routed layer gets its own base copy.
         merged = {}
-        routed_weights = {f"{n}.weight" for n in target}
+        routed = {id(base.get_submodule(n)) for n in target}
         for key, value in base_state.items():
-            if key in routed_weights or not value.is_floating_point():
+            owner, _, leaf = key.rpartition(".")
+            if not value.is_floating_point() or (
+                    leaf == "weight" and id(base.get_submodule(owner)) in routed):
                 continue
             if any(not torch.equal(s[key], value) for s in states):
                 merged[key] = torch.stack([s[key] for s in states]).to(torch.float64).mean(0).to(value.dtype)
         model.load_state_dict(merged, strict=False)
+        _warn_averaged_matrices(base, merged, readers)
 
         clamped = []
         for name in tqdm(target, desc="MASS: SVD per layer", disable=not progress):
             linear = model.get_submodule(name)
-            d_out, d_in = linear.weight.shape
+            d_out, d_in = linear_weight(linear).shape
             r = default_rank(d_out, d_in, T) if rank is None else rank
             if r > min(d_out, d_in):
                 clamped.append(f"{name} ({r} -> {min(d_out, d_in)})")
@@ -331,6 +385,7 @@ class MASS(nn.Module):
                 bias=linear.bias, decorrelate=decorrelate, top_k=top_k,
                 temperature=temperature, threshold=threshold, weighting=weighting)
             _set_submodule(model, name, layer)
+        _keep_output_layer_untied(model)
         if clamped:
             warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
                           stacklevel=2)
@@ -360,21 +415,61 @@ class MASS(nn.Module):
         method of it such as `generate`, a pipeline). Each layer must see the batch first;
         with repeat_samples, a batch of m * B rows holds each sample m times in a row (as
         `generate` expands prompts for beams or several sequences)."""
+        indices, weights = getattr(routing, "indices", None), getattr(routing, "weights", None)
+        if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
+            raise TypeError(f"routing must be a Routing (indices, weights, residuals), got "
+                            f"{type(routing).__name__}")
+        if indices.dim() != 2 or indices.dtype != torch.int64 or weights.shape != indices.shape:
+            raise ValueError(f"routing must hold int64 indices (B, k), one row per sample, and "
+                             f"weights of their shape; got indices {tuple(indices.shape)} "
+                             f"{indices.dtype}, weights {tuple(weights.shape)}")
         return self._pass("prerouted", routing, repeat_samples)
+
+    def _call_arguments(self, args, kwargs) -> dict:
+        """The model's forward arguments by name, positional ones included."""
+        try:
+            signature = inspect.signature(self.model.forward)
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):  # no signature, or one that does not bind: as given
+            return dict(kwargs)
+        named = {}
+        for name, value in bound.items():  # **kwargs of the forward: by their own names
+            kind = signature.parameters[name].kind
+            named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        return named
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  **kwargs):
         """The model's own `generate` (a transformers generative model) with MASS: in
         two-pass mode, pass 1 routes each prompt (input_ids, attention_mask) once and
         every token generated for it, with the KV cache, beams or several sequences per
-        prompt, uses that decision (`self.routing`); per-layer, every token routes itself."""
+        prompt, uses that decision (`self.routing`); per-layer, every token routes itself
+        (`self.routing` is then None).
+
+        Pass 1 sees the prompts as generate does: without attention_mask, padding is
+        inferred from the pad token; with a mask, position ids count valid tokens only
+        (where the model takes position_ids), so a left-padded prompt routes like the same
+        prompt alone (pooling "mean" or "tokens": "cls" would pool a pad)."""
+        if attention_mask is None:
+            pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+            if isinstance(pad, int) and bool((input_ids == pad).any()):
+                attention_mask = (input_ids != pad).long()
         inputs = {"input_ids": input_ids}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
         if self.mode == "per_layer":
+            self.routing = None
             with self._pass("self"):
                 return self.model.generate(**inputs, **kwargs)
-        with self.applying(self.route(**inputs), repeat_samples=True):
+        first = dict(inputs)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if self.pooling == "cls":
+                raise ValueError("pooling='cls' pools the first token, which is padding in "
+                                 "a left-padded prompt: use pooling='mean' or 'tokens' to "
+                                 "generate from padded prompts")
+            if "position_ids" in inspect.signature(self.model.forward).parameters:
+                first["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.applying(self.route(**first), repeat_samples=True):
             return self.model.generate(**inputs, **kwargs)
 
     def route(self, *args, **kwargs) -> Routing:
@@ -404,7 +499,8 @@ class MASS(nn.Module):
         `decide` turns them into `route`'s decision, for any top_k or threshold."""
         # Pass 1 stops inside the model: a KV cache passed in would keep its entries, and
         # pass 2 would add its own after them.
-        cached = [name for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None]
+        cached = [name for name, value in self._call_arguments(args, kwargs).items()
+                  if name in _CACHE_ARGUMENTS and value is not None]
         if cached:
             raise ValueError(
                 f"two-pass MASS cannot take a KV cache ({cached[0]}=...): pass 1 would add to "
@@ -565,7 +661,7 @@ class MASS(nn.Module):
         for name in meta["routed_layers"]:
             if name not in linears:
                 raise ValueError(f"{path} routes layer {name!r}, which the base skeleton has "
-                                 f"not as an nn.Linear")
+                                 f"not as a Linear layer (nn.Linear or transformers' Conv1D)")
             linear = model.get_submodule(name)
             needed = ["weight", "U_t", "S", "V"] + (["bias"] if linear.bias is not None else [])
             missing = [f"{name}.{k}" for k in needed if f"{name}.{k}" not in tensors]
@@ -580,10 +676,10 @@ class MASS(nn.Module):
                                      t["V"])
             except (ValueError, TypeError, IndexError, RuntimeError) as error:
                 raise ValueError(f"{path}: routed layer {name!r} is invalid: {error}") from error
-            if tuple(layer.weight.shape) != tuple(linear.weight.shape):
+            if tuple(layer.weight.shape) != tuple(linear_weight(linear).shape):
                 raise ValueError(f"{path}: layer {name!r} has weight shape "
                                  f"{tuple(layer.weight.shape)}, the base skeleton "
-                                 f"{tuple(linear.weight.shape)}")
+                                 f"{tuple(linear_weight(linear).shape)}")
             _set_submodule(model, name, layer)
         try:
             result = model.load_state_dict(tensors, strict=False)
@@ -592,6 +688,8 @@ class MASS(nn.Module):
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{path} does not match the base skeleton: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        _keep_output_layer_untied(model)
+        model.eval()  # a skeleton made from a config (e.g. AutoModel.from_config) trains
         router = dict(meta["router"])
         if router.get("pooling") == "callable":
             if pooling is None:
@@ -719,13 +817,14 @@ def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k:
     return Routing(indices, weights, residuals)
 
 
-def _router_layer_list(router_layer: RouterLayers) -> list:
+def _router_layer_list(router_layer: RouterLayers, model: nn.Module) -> list:
+    """The router layers' names, each by its module's first name in `model`."""
     names = ([router_layer] if isinstance(router_layer, str)
              else list(router_layer) if isinstance(router_layer, (list, tuple)) else [])
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"router_layer must be a layer name or a non-empty list of names, "
                          f"got {router_layer!r}")
-    return names
+    return [_canonical_name(model, n) for n in names]
 
 
 def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
@@ -737,10 +836,11 @@ def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
     both -1 for a sample that selected no task (every slot -1, e.g. a routing built by
     hand: `route` always keeps the first slot).
     """
+    head_logits = list(head_logits)
     indices = routing.indices
-    if indices.dim() != 2:
-        raise ValueError(f"routing.indices must be (B, k), one row per sample, got shape "
-                         f"{tuple(indices.shape)}")
+    if indices.dim() != 2 or indices.dtype != torch.int64:
+        raise ValueError(f"routing.indices must be int64 (B, k), one row per sample, got "
+                         f"{indices.dtype} of shape {tuple(indices.shape)}")
     B = indices.shape[0]
     shapes = [tuple(logits.shape) for logits in head_logits]
     if not shapes or any(len(s) != 2 or s[0] != B or s[1] < 1 for s in shapes):

@@ -13,6 +13,23 @@ from . import ops
 from ._validation import check_layer_inputs, check_routing_options
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer y = x W + b that stores
+    W as (d_in, d_out). Recognised by name, so transformers is never imported."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer MASS can route: nn.Linear, or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`weight` (default: the module's own) as nn.Linear's (d_out, d_in)."""
+    weight = module.weight if weight is None else weight
+    return weight.transpose(-2, -1) if _is_conv1d(module) else weight
+
+
 def default_rank(d_out: int, d_in: int, num_tasks: int) -> int:
     """The paper's default per-task rank: min(d_out, d_in) // T, at least 1."""
     return max(1, min(d_out, d_in) // num_tasks)
@@ -175,18 +192,22 @@ class RoutedLinear(nn.Module):
                     *, rank: Optional[int] = None, are_deltas: bool = False,
                     bias: Optional[torch.Tensor] = None, decorrelate: bool = False,
                     **routing) -> "RoutedLinear":
-        """Builds the routed layer from a base nn.Linear and T fine-tuned weights of the
-        same shape (or, with are_deltas=True, T task deltas W_t - W_0).
+        """Builds the routed layer from a base nn.Linear (or transformers' Conv1D) and T
+        fine-tuned weights of the same shape (or, with are_deltas=True, T task deltas
+        W_t - W_0), in the layer's own layout.
 
         rank: per-task rank r, default min(d_out, d_in) // T; bias: the bias to use
         (default the base layer's); decorrelate: TSV-style orthogonalisation of the stacked
         factors across tasks; routing: top_k, temperature, threshold, weighting."""
-        W0 = linear.weight.detach()
-        stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(W0.device)
-        if stacked.shape[1:] != W0.shape:
+        if not is_linear(linear):
+            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                            f"{type(linear).__name__}")
+        stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(linear.weight.device)
+        if stacked.shape[1:] != linear.weight.shape:
             raise ValueError(
-                f"deltas_or_weights must each have the shape of linear.weight {tuple(W0.shape)}, "
-                f"got {tuple(stacked.shape[1:])}")
+                f"deltas_or_weights must each have the shape of linear.weight "
+                f"{tuple(linear.weight.shape)}, got {tuple(stacked.shape[1:])}")
+        W0, stacked = linear_weight(linear).detach(), linear_weight(linear, stacked)
         deltas = stacked.to(torch.float64) - (0 if are_deltas else W0.to(torch.float64))
         T, d_out, d_in = deltas.shape
         r = default_rank(d_out, d_in, T) if rank is None else rank

@@ -14,27 +14,38 @@ transformers = pytest.importorskip("transformers")
 VOCAB, T = 40, 2
 
 
-@pytest.fixture(scope="module")
-def llama_experts():
-    """A base Llama and T experts whose Linear deltas have rank 2 (below every layer's
-    default rank), so MASS routed to task t reproduces expert t to float tolerance."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no early stop: fixed lengths
-    base = transformers.LlamaForCausalLM(config).eval()
+def _fine_tuned(base, changes_layer):
+    """T copies of `base`. With changes_layer(name, module), each such layer's weight moves
+    by a rank-2 delta (below every default rank: MASS routed to task t reproduces expert
+    t); with None, every parameter moves by small noise."""
     g = torch.Generator().manual_seed(1)
     experts = {}
     for t in range(T):
         expert = copy.deepcopy(base)
         with torch.no_grad():
             for name, module in expert.named_modules():
-                if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                    d_out, d_in = module.weight.shape
-                    module.weight += 0.3 * (torch.randn(d_out, 2, generator=g)
-                                            @ torch.randn(2, d_in, generator=g)) / d_in ** 0.5
+                if changes_layer is not None and changes_layer(name, module):
+                    a, b = module.weight.shape
+                    module.weight += 0.3 * (torch.randn(a, 2, generator=g)
+                                            @ torch.randn(2, b, generator=g)) / b ** 0.5
+            if changes_layer is None:
+                for p in expert.parameters():
+                    p += 0.05 * torch.randn(p.shape, generator=g)
         experts[f"task{t}"] = expert
+    return experts
+
+
+@pytest.fixture(scope="module")
+def llama_experts():
+    """A base Llama and T experts whose Linear deltas have rank 2."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no early stop: fixed lengths
+    base = transformers.LlamaForCausalLM(config).eval()
+    experts = _fine_tuned(base, lambda name, module: isinstance(module, torch.nn.Linear)
+                          and name != "lm_head")
     mm = MASS.from_finetuned(base, experts, router_layer="model.layers.1.mlp.down_proj",
                              pooling="mean", progress=False)
     return mm, list(experts.values())
@@ -91,5 +102,95 @@ def test_two_pass_refuses_a_kv_cache_and_direct_calls(llama_experts):
         try:
             assert mm.model(input_ids=prompts).logits.shape == (4, 5, VOCAB)
             assert mm.generate(prompts, max_new_tokens=2, do_sample=False).shape == (4, 7)
+            assert mm.routing is None   # no per-sample decision in per-layer generation
         finally:
             mm.mode = "two_pass"
+
+
+# ------------------------------------------------------------------ GPT-2: Conv1D layers
+
+@pytest.fixture(scope="module")
+def gpt2_experts():
+    """GPT-2's layers are transformers' Conv1D (y = x W + b, W stored (d_in, d_out)), its
+    positions absolute; expert deltas of rank 2 on every Conv1D weight."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    experts = _fine_tuned(base, lambda name, module: type(module).__name__ == "Conv1D")
+    mm = MASS.from_finetuned(base, experts, router_layer="transformer.h.1.mlp.c_proj",
+                             pooling="mean", progress=False)
+    return base, mm, list(experts.values())
+
+
+def test_gpt2_conv1d_layers_are_routed_and_reproduce_each_expert(gpt2_experts, tmp_path):
+    base, mm, experts = gpt2_experts
+    assert len(mm.routed) == 8   # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    prompts = _prompts(seed=5)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        for t, expert in enumerate(experts):
+            known = Routing(torch.full((4, 1), t), torch.ones(4, 1), None)
+            torch.testing.assert_close(mm.run(known, input_ids=prompts).logits,
+                                       expert(input_ids=prompts).logits, atol=1e-4, rtol=1e-4)
+        out = mm.generate(prompts, **settings)
+        for i, t in enumerate(mm.routing.indices[:, 0].tolist()):
+            assert torch.equal(out[i], experts[t].generate(prompts[i:i + 1], **settings)[0])
+        mm.save(tmp_path / "gpt2.safetensors")
+        skeleton = transformers.GPT2LMHeadModel(base.config)
+        loaded = MASS.load(tmp_path / "gpt2.safetensors", skeleton)
+        assert not loaded.model.training
+        assert torch.equal(loaded(input_ids=prompts).logits, mm(input_ids=prompts).logits)
+
+
+def test_left_padded_prompts_route_and_generate_as_alone(gpt2_experts):
+    """Pass 1 gets generate's position ids (GPT-2's are absolute) and the mask inferred
+    from the pad token, so padding changes neither the routing nor the tokens."""
+    _, mm, experts = gpt2_experts
+    prompts = _prompts(seed=6, batch=6, length=5)
+    padded = torch.cat([torch.zeros(6, 3, dtype=torch.long), prompts], 1)
+    padded[::2, :3] = prompts[::2, :3]          # half of them longer instead of padded
+    mask = (padded != 0).long()
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        out = mm.generate(padded, **settings)   # no mask: inferred from pad_token_id 0
+        routing = mm.routing
+        for i in range(6):
+            alone = padded[i:i + 1, mask[i].bool()]
+            mm.generate(alone, **settings)
+            assert torch.equal(mm.routing.indices[0], routing.indices[i])
+            expected = experts[routing.indices[i, 0]].generate(
+                padded[i:i + 1], attention_mask=mask[i:i + 1], **settings)
+            assert torch.equal(out[i], expected[0])
+        cls = MASS(mm.model, mm.task_names, router_layer=mm.router_layer, pooling="cls")
+        with pytest.raises(ValueError, match="pooling='cls' pools the first token"):
+            cls.generate(padded, attention_mask=mask, **settings)
+
+
+def test_kv_cache_given_by_position_is_refused_too(llama_experts):
+    mm, _ = llama_experts
+    prompts = _prompts(seed=7)
+    with torch.no_grad():
+        cache = mm(input_ids=prompts, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"cannot take a KV cache \(cache=\.\.\.\)"):
+            mm(prompts[:, :1], None, None, cache)
+        assert cache.get_seq_length() == 5
+
+
+def test_bert_mlm_output_layer_stays_routed_after_tie_weights():
+    """BertForMaskedLM ties its decoder to the word embeddings: MASS averages the
+    embeddings and routes the decoder from its base weight, so tie_weights() must not
+    re-tie them (MASS turns the config's tie_word_embeddings off)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=37)
+    base = transformers.BertForMaskedLM(config).eval()
+    experts = _fine_tuned(base, None)
+    mm = MASS.from_finetuned(base, experts, router_layer="cls.predictions.transform.dense",
+                             pooling="mean", progress=False)
+    assert "cls.predictions.decoder" in mm.routed
+    prompts = _prompts(seed=8)
+    with torch.no_grad():
+        before = mm(input_ids=prompts).logits
+        mm.model.tie_weights()
+        assert torch.equal(mm(input_ids=prompts).logits, before)

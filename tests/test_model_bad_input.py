@@ -50,24 +50,36 @@ def _write_bundle(path, tensors, meta):
 
 # ------------------------------------------------------------------ layers that cannot be routed
 
-def test_multihead_attention_out_proj_is_averaged_not_silently_ignored():
-    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a routed layer
-    there would never apply its task update. MASS averages it instead, with a warning,
-    and refuses it as an explicit target."""
+def test_layers_whose_weights_torch_reads_directly_are_averaged_not_silently_ignored():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj, and
+    nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1 and
+    linear2's weights: routed layers there would never apply their task updates. MASS
+    averages them instead, with one warning naming every averaged matrix (also
+    in_proj_weight, which is no Linear layer), and refuses them as explicit targets."""
     torch.manual_seed(0)
-    base = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
-    names = ["self_attn.out_proj.weight", "linear1.weight"]
+    base = nn.Sequential(nn.Linear(8, 8),
+                         nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)).eval()
+    names = ["0.weight", "1.self_attn.in_proj_weight", "1.self_attn.out_proj.weight",
+             "1.linear1.weight"]
     finetuned = {f"t{t}": _perturbed(base, t, only=names) for t in range(2)}
-    with pytest.warns(UserWarning, match=r"self_attn\.out_proj \(its MultiheadAttention reads"):
-        mm = MASS.from_finetuned(base, finetuned, router_layer="linear1", progress=False)
-    assert list(mm.routed) == ["linear1"]
-    average = (finetuned["t0"].self_attn.out_proj.weight + finetuned["t1"].self_attn.out_proj.weight) / 2
-    torch.testing.assert_close(mm.model.self_attn.out_proj.weight, average)
-    with torch.no_grad():
-        assert mm(torch.randn(3, 5, 8)).shape == (3, 5, 8)
-    with pytest.raises(ValueError, match=r"cannot be routed: \['self_attn.out_proj'\]"):
-        MASS.from_finetuned(base, finetuned, router_layer="linear1", progress=False,
-                            target=["linear1", "self_attn.out_proj"])
+    with pytest.warns(UserWarning) as record:
+        mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    message = "\n".join(str(w.message) for w in record)
+    assert "1.self_attn.in_proj_weight (a MultiheadAttention, not a Linear layer)" in message
+    assert "1.self_attn.out_proj.weight (its MultiheadAttention reads the weight" in message
+    assert "1.linear1.weight (its TransformerEncoderLayer reads the weight" in message
+    assert list(mm.routed) == ["0"]
+    for name in names[1:]:
+        average = (finetuned["t0"].get_parameter(name) + finetuned["t1"].get_parameter(name)) / 2
+        torch.testing.assert_close(mm.model.get_parameter(name), average)
+    x = torch.randn(3, 5, 8)
+    routing = Routing(torch.tensor([[0], [1], [0]]), torch.ones(3, 1), None)
+    with torch.no_grad():   # the fast path
+        fast = mm.run(routing, x)
+    torch.testing.assert_close(fast, mm.run(routing, x).detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot be routed: \['1.self_attn.out_proj'\]"):
+        MASS.from_finetuned(base, finetuned, router_layer="0", progress=False,
+                            target=["0", "1.self_attn.out_proj"])
 
 
 class _FlattensTokens(nn.Module):
@@ -132,6 +144,8 @@ def test_a_linear_registered_under_two_names_is_routed_under_both(tmp_path):
         for t, expert in enumerate(finetuned.values()):
             known = Routing(torch.full((4, 1), t), torch.ones(4, 1), None)
             torch.testing.assert_close(mm.run(known, x), expert(x), atol=1e-5, rtol=1e-5)
+    by_second_name = MASS(mm.model, mm.task_names, router_layer="b")
+    assert by_second_name.router_layers == ["a"]
     mm.save(tmp_path / "shared.safetensors")
     loaded = MASS.load(tmp_path / "shared.safetensors", _SharedLinear())
     assert loaded.model.b is loaded.model.a
@@ -326,3 +340,33 @@ def test_save_keeps_permissions_and_follows_symbolic_links(experts, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["fresh.safetensors", "link.safetensors"]
     with pytest.raises(IsADirectoryError, match="path must name a file"):
         mm.save(tmp_path)
+
+
+@pytest.mark.parametrize("scale", [math.nan, -1.0, 0.0, "x", None])
+def test_first_pass_scale_must_be_a_positive_number(experts, scale):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    with pytest.raises(ValueError, match="first_pass_scale must be a finite number > 0"):
+        MASS(mm.model, mm.task_names, router_layer="0", first_pass="tsvm",
+             first_pass_scale=scale)
+
+
+def test_run_and_applying_check_the_routing(experts):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x = torch.randn(2, D_IN)
+    with pytest.raises(TypeError, match="routing must be a Routing .* got tuple"):
+        mm.run((torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)), x)
+    with pytest.raises(ValueError, match=r"int64 indices \(B, k\).*got indices \(2,\)"):
+        mm.run(Routing(torch.zeros(2, dtype=torch.long), torch.ones(2), None), x)
+    with pytest.raises(ValueError, match=r"weights of their shape.*weights \(2, 2\)"):
+        mm.run(Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 2), None), x)
+
+
+def test_pick_head_takes_any_iterable_and_refuses_float_indices():
+    routing = Routing(torch.tensor([[1], [0]]), torch.ones(2, 1), None)
+    heads = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0], [1.0, 0.0]])]
+    task, prediction = mass_ext.pick_head(iter(heads), routing)
+    assert task.tolist() == [1, 0] and prediction.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="routing.indices must be int64"):
+        mass_ext.pick_head(heads, Routing(routing.indices.float(), routing.weights, None))
