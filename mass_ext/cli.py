@@ -148,16 +148,22 @@ class _BaseKeys(Mapping):
     """The base model's keys of a checkpoint, read lazily: key -> checkpoint[prefix + key]."""
 
     def __init__(self, checkpoint: Mapping, prefix: str, keys: set):
-        self.checkpoint, self.prefix, self.keys_ = checkpoint, prefix, sorted(keys)
+        self.checkpoint, self.prefix, self.base_keys = checkpoint, prefix, set(keys)
+        self.argument = getattr(checkpoint, "argument", None)  # how errors name it
 
     def __getitem__(self, key: str):
+        if key not in self.base_keys:
+            raise KeyError(key)
         return self.checkpoint[self.prefix + key]
 
+    def __contains__(self, key) -> bool:  # Mapping's would read the tensor
+        return key in self.base_keys
+
     def __iter__(self):
-        return iter(self.keys_)
+        return iter(sorted(self.base_keys))
 
     def __len__(self) -> int:
-        return len(self.keys_)
+        return len(self.base_keys)
 
 
 def _strip_prefix(state: Mapping, keys: set) -> Mapping:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import ops, reference
 from ._validation import check_routing_options
-from .nn import RoutedLinear, _RouteState, default_rank, is_linear, linear_weight
+from .nn import RoutedLinear, _RouteState, default_rank, is_linear, linear_weight, task_factors
 from .routing import Routing
 
 FORMAT_VERSION = 2        # 2: tensors shared under several names stored once ("aliases")
@@ -39,7 +39,7 @@ def _state_dict(checkpoint: Checkpoint, name: str) -> Mapping[str, torch.Tensor]
     if isinstance(checkpoint, nn.Module):
         return {k: v.detach() for k, v in checkpoint.state_dict().items()}
     if isinstance(checkpoint, Mapping):
-        return dict(checkpoint)
+        return checkpoint  # read, never changed: a lazy mapping stays lazy
     if isinstance(checkpoint, (str, os.PathLike)):
         return _SafetensorsCheckpoint(os.fspath(checkpoint), f"finetuned[{name!r}]")
     raise TypeError(f"finetuned[{name!r}] must be an nn.Module, a state dict or a path to a "
@@ -72,6 +72,9 @@ class _SafetensorsCheckpoint(Mapping):
             return self._file.get_tensor(key)
         except Exception as error:
             raise self._unreadable(error) from error
+
+    def __contains__(self, key) -> bool:  # Mapping's would read the tensor
+        return key in self._key_set
 
     def __iter__(self):
         return iter(self._keys)
@@ -112,33 +115,42 @@ def _warn_averaged_matrices(base: nn.Module, merged: dict, readers: dict) -> Non
                       stacklevel=3)
 
 
-def _check_checkpoint(name: str, state: dict, base_state: dict) -> None:
-    """Same keys and shapes as the base, floating where the base is, finite."""
+def _checkpoint_label(name: str, state: Mapping) -> str:
+    """How errors name a checkpoint: the argument it came from (e.g. the CLI's --task)."""
+    return getattr(state, "argument", f"finetuned[{name!r}]")
+
+
+def _check_keys(name: str, state: Mapping, base_state: dict) -> None:
     missing = sorted(set(base_state) - set(state))
     extra = sorted(set(state) - set(base_state))
     if missing or extra:
-        raise ValueError(f"finetuned[{name!r}] does not match the base model: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    for key, value in base_state.items():
-        tensor = state[key]
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"finetuned[{name!r}] parameter {key!r} must be a tensor, got "
-                            f"{type(tensor).__name__}")
-        if tuple(tensor.shape) != tuple(value.shape):
-            raise ValueError(f"finetuned[{name!r}] parameter {key!r} has shape "
-                             f"{tuple(tensor.shape)}, base has {tuple(value.shape)}")
-        if value.is_floating_point():
-            if not tensor.is_floating_point():
-                raise TypeError(f"finetuned[{name!r}] parameter {key!r} must be floating "
-                                f"point like the base's ({value.dtype}), got {tensor.dtype}")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"finetuned[{name!r}] parameter {key!r} holds NaN or inf")
+        raise ValueError(f"{_checkpoint_label(name, state)} does not match the base model: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+
+
+def _check_tensor(name: str, state: Mapping, key: str, tensor, base_value: torch.Tensor) -> None:
+    """The base's shape, floating where the base is, finite."""
+    label = _checkpoint_label(name, state)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{label} parameter {key!r} must be a tensor, got "
+                        f"{type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(base_value.shape):
+        raise ValueError(f"{label} parameter {key!r} has shape {tuple(tensor.shape)}, base "
+                         f"has {tuple(base_value.shape)}")
+    if base_value.is_floating_point():
+        if not tensor.is_floating_point():
+            raise TypeError(f"{label} parameter {key!r} must be floating point like the "
+                            f"base's ({base_value.dtype}), got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{label} parameter {key!r} holds NaN or inf")
 
 
 def _linear_names(model: nn.Module) -> list:
     """Layers MASS can route: nn.Linear and transformers' Conv1D (GPT-2)."""
     return [name for name, m in model.named_modules() if is_linear(m)]
 
+
+_LINEAR_LAYERS = "Linear layer (nn.Linear or transformers' Conv1D)"
 
 # Modules that may read their Linear children's weights without calling them, so a routed
 # layer there would never route: nn.MultiheadAttention passes out_proj.weight to
@@ -250,7 +262,7 @@ class MASS(nn.Module):
         options = (self.top_k, self.temperature, self.threshold, self.weighting)
         # Called outside a pass (e.g. the model's own generate), a two-pass model's layers
         # refuse: routing each row by itself would silently be per-layer MASS.
-        idle = "self" if self.mode == "per_layer" else "unrouted"
+        idle = "self" if self.mode == "per_layer" else "refuse"
         for layer in self.routed.values():
             # Reads are cheap, nn.Module's __setattr__ is not: write only what changed.
             if layer.state is not self._state:
@@ -281,14 +293,15 @@ class MASS(nn.Module):
         `routing`) within the block; the previous instruction is restored after it."""
         self._bind_layers()
         state = self._state
-        before = (state.mode, state.indices, state.weights, state.repeat_samples)
-        state.mode, state.repeat_samples = mode, repeat_samples
+        before = (state.mode, state.indices, state.weights, state.repeat_samples, state.repeated)
+        state.mode, state.repeat_samples, state.repeated = mode, repeat_samples, {}
         state.indices, state.weights = (None, None) if routing is None else (
             routing.indices, routing.weights)
         try:
             yield
         finally:
-            state.mode, state.indices, state.weights, state.repeat_samples = before
+            (state.mode, state.indices, state.weights, state.repeat_samples,
+             state.repeated) = before
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -320,75 +333,80 @@ class MASS(nn.Module):
             raise ValueError(f"rank must be a positive int or None (default), got {rank!r}")
         if isinstance(target, str):
             raise TypeError(f"target must be a list of layer names, got the string {target!r}")
-        names = list(finetuned)
+        names, T = list(finetuned), len(finetuned)
         base_state = {k: v.detach() for k, v in base.state_dict().items()}
-        states = [_state_dict(finetuned[n], n) for n in names]
+        tied = _tied_keys(base_state)
+        states = [_fill_tied_keys(_state_dict(finetuned[n], n), tied) for n in names]
         for name, state in zip(names, states):
-            _check_checkpoint(name, state, base_state)
+            _check_keys(name, state, base_state)
         linears = _linear_names(base)
         readers = _weight_readers(base)
-        if target is None:
-            target = [n for n in linears if n not in readers
-                      and any(not torch.equal(s[f"{n}.weight"], base_state[f"{n}.weight"])
-                              for s in states)]
-        else:
+        if target is not None:
             target = [_canonical_name(base, n) for n in target]
             unknown = [n for n in target if n not in linears]
             if unknown:
-                raise ValueError(f"target names layers that are not Linear layers (nn.Linear "
-                                 f"or transformers' Conv1D): {unknown}; Linear layers: "
-                                 f"{linears}")
+                raise ValueError(f"target names layers that are not {_LINEAR_LAYERS}: "
+                                 f"{unknown}; Linear layers: {linears}")
             unroutable = [n for n in target if n in readers]
             if unroutable:
                 raise ValueError(f"target names layers that cannot be routed: {unroutable} "
                                  "(their parent reads the weight without calling the layer: "
                                  f"{sorted(set(readers[n] for n in unroutable))})")
-        for name in _router_layer_list(router_layer, base):
+        # Layers routed if a task changes them (all of target, when given).
+        candidates = [n for n in linears if n not in readers] if target is None else target
+        router_layers = _router_layer_list(router_layer, base)
+        for name in router_layers:
             if name not in linears:
-                raise ValueError(f"router_layer {name!r} is not a Linear layer (nn.Linear or "
-                                 f"transformers' Conv1D) of the base model; Linear layers: "
-                                 f"{linears}")
-            if name not in target:
-                raise ValueError(f"router_layer {name!r} is not routed (no task changes it, "
-                                 f"or it is not in target); routed layers: {list(target)}")
+                raise ValueError(f"router_layer {name!r} is not a {_LINEAR_LAYERS} of the "
+                                 f"base model; Linear layers: {linears}")
+            if name not in candidates:
+                raise ValueError(f"router_layer {name!r} cannot be routed (not in target, or "
+                                 f"its parent reads the weight directly)")
+        check_routing_options(top_k, T, temperature, threshold, weighting)
 
-        # Checked before the (slow) factorisation rather than by the first forward.
-        check_routing_options(top_k, len(names), temperature, threshold, weighting)
-
-        model = copy.deepcopy(base)
-        T = len(names)
-        # Everything but the routed weights: the mean over tasks where tasks differ. Only
-        # those are loaded: a weight tied to a routed one (e.g. an embedding tied to an
-        # output Linear) then keeps its mean, and the routed layer gets its own base copy.
-        merged = {}
-        routed = {id(base.get_submodule(n)) for n in target}
-        for key, value in base_state.items():
+        # One read of every tensor of every checkpoint: checked, then factorised (routed
+        # weights) or averaged where tasks differ (everything else, biases and norms of
+        # routed layers too). The router layers' weights come first, so that a router
+        # layer no task changes fails before the slow part.
+        layer_of = {id(base.get_submodule(n)): n for n in candidates}
+        router_keys = [f"{n}.weight" for n in router_layers]
+        factors, merged, clamped = {}, {}, []
+        keys = router_keys + [k for k in base_state if k not in router_keys]
+        for key in tqdm(keys, desc="MASS: reading, SVD per routed layer", disable=not progress):
+            value = base_state[key]
+            tensors = [state[key] for state in states]
+            for name, state, tensor in zip(names, states, tensors):
+                _check_tensor(name, state, key, tensor, value)
             owner, _, leaf = key.rpartition(".")
-            if not value.is_floating_point() or (
-                    leaf == "weight" and id(base.get_submodule(owner)) in routed):
-                continue
-            if any(not torch.equal(s[key], value) for s in states):
-                merged[key] = torch.stack([s[key] for s in states]).to(torch.float64).mean(0).to(value.dtype)
-        model.load_state_dict(merged, strict=False)
+            layer = layer_of.get(id(base.get_submodule(owner))) if leaf == "weight" else None
+            changed = value.is_floating_point() and any(not torch.equal(t, value) for t in tensors)
+            if layer is not None and layer not in factors and (changed or target is not None):
+                linear = base.get_submodule(layer)
+                d_out, d_in = linear_weight(linear).shape
+                r = default_rank(d_out, d_in, T) if rank is None else rank
+                if r > min(d_out, d_in):
+                    clamped.append(f"{layer} ({r} -> {min(d_out, d_in)})")
+                    r = min(d_out, d_in)
+                factors[layer] = task_factors(linear, tensors, rank=r, decorrelate=decorrelate)
+            elif layer is None and changed:
+                merged[key] = torch.stack(tensors).to(torch.float64).mean(0).to(value.dtype)
+            if key in router_keys and _canonical_name(base, owner) not in factors:
+                raise ValueError(f"router_layer {owner!r} is not routed: no task changes it")
         _warn_averaged_matrices(base, merged, readers)
-
-        clamped = []
-        for name in tqdm(target, desc="MASS: SVD per layer", disable=not progress):
-            linear = model.get_submodule(name)
-            d_out, d_in = linear_weight(linear).shape
-            r = default_rank(d_out, d_in, T) if rank is None else rank
-            if r > min(d_out, d_in):
-                clamped.append(f"{name} ({r} -> {min(d_out, d_in)})")
-                r = min(d_out, d_in)
-            layer = RoutedLinear.from_linear(
-                base.get_submodule(name), [s[f"{name}.weight"] for s in states], rank=r,
-                bias=linear.bias, decorrelate=decorrelate, top_k=top_k,
-                temperature=temperature, threshold=threshold, weighting=weighting)
-            _set_submodule(model, name, layer)
-        _keep_output_layer_untied(model)
         if clamped:
             warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
                           stacklevel=2)
+
+        # Only what differs is loaded: a weight tied to a routed one (e.g. an embedding tied
+        # to an output Linear) keeps its mean, and the routed layer gets its own base copy.
+        model = copy.deepcopy(base)
+        model.load_state_dict(merged, strict=False)
+        for name in (n for n in linears if n in factors):
+            linear = model.get_submodule(name)
+            _set_submodule(model, name, RoutedLinear(
+                linear_weight(base.get_submodule(name)).detach(), linear.bias, *factors[name],
+                top_k=top_k, temperature=temperature, threshold=threshold, weighting=weighting))
+        _keep_output_layer_untied(model)
         return cls(model, names, router_layer=router_layer, pooling=pooling, top_k=top_k,
                    temperature=temperature, threshold=threshold, weighting=weighting, mode=mode,
                    first_pass=first_pass)
@@ -415,14 +433,7 @@ class MASS(nn.Module):
         method of it such as `generate`, a pipeline). Each layer must see the batch first;
         with repeat_samples, a batch of m * B rows holds each sample m times in a row (as
         `generate` expands prompts for beams or several sequences)."""
-        indices, weights = getattr(routing, "indices", None), getattr(routing, "weights", None)
-        if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
-            raise TypeError(f"routing must be a Routing (indices, weights, residuals), got "
-                            f"{type(routing).__name__}")
-        if indices.dim() != 2 or indices.dtype != torch.int64 or weights.shape != indices.shape:
-            raise ValueError(f"routing must hold int64 indices (B, k), one row per sample, and "
-                             f"weights of their shape; got indices {tuple(indices.shape)} "
-                             f"{indices.dtype}, weights {tuple(weights.shape)}")
+        _check_per_sample_routing(routing)
         return self._pass("prerouted", routing, repeat_samples)
 
     def _call_arguments(self, args, kwargs) -> dict:
@@ -451,9 +462,7 @@ class MASS(nn.Module):
         (where the model takes position_ids), so a left-padded prompt routes like the same
         prompt alone (pooling "mean" or "tokens": "cls" would pool a pad)."""
         if attention_mask is None:
-            pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
-            if isinstance(pad, int) and bool((input_ids == pad).any()):
-                attention_mask = (input_ids != pad).long()
+            attention_mask = self._inferred_attention_mask(input_ids, kwargs)
         inputs = {"input_ids": input_ids}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
@@ -469,8 +478,21 @@ class MASS(nn.Module):
                                  "generate from padded prompts")
             if "position_ids" in inspect.signature(self.model.forward).parameters:
                 first["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with self.applying(self.route(**first), repeat_samples=True):
+        with torch.no_grad():  # as generate itself
+            routing = self.route(**first)
+        with self.applying(routing, repeat_samples=True):
             return self.model.generate(**inputs, **kwargs)
+
+    def _inferred_attention_mask(self, input_ids: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
+        """The mask transformers' generate infers: tokens other than the pad token, when the
+        prompts hold it and it is not also an end-of-sequence token (then it is text)."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if isinstance(pad, int) and pad not in eos and bool((input_ids == pad).any()):
+            return (input_ids != pad).long()
+        return None
 
     def route(self, *args, **kwargs) -> Routing:
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
@@ -505,8 +527,8 @@ class MASS(nn.Module):
             raise ValueError(
                 f"two-pass MASS cannot take a KV cache ({cached[0]}=...): pass 1 would add to "
                 "it. Route each prompt once and keep the decision for its tokens: "
-                "mm.generate(...), or mm.run(mm.route(...), ..., past_key_values=...) for "
-                "your own decoding loop")
+                f"mm.generate(...), or mm.run(mm.route(...), ..., {cached[0]}=...) for your "
+                "own decoding loop")
         with self._pass(*self._first_pass(args, kwargs)), \
                 self._capture_router_inputs(early_exit=True) as captured:
             try:
@@ -636,8 +658,10 @@ class MASS(nn.Module):
     def load(cls, path: Union[str, os.PathLike], base_skeleton: nn.Module,
              pooling: Optional[Callable] = None) -> "MASS":
         """Restores a bundle onto a copy of `base_skeleton` (a model of the base
-        architecture; its weights are not used and it is left untouched). A bundle that is
-        unreadable, incomplete or made for another architecture raises ValueError."""
+        architecture; its weights are not used and it is left untouched), in eval mode (a
+        skeleton made from a config, e.g. AutoModel.from_config, is in training mode). A
+        bundle that is unreadable, incomplete or made for another architecture raises
+        ValueError."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -661,7 +685,7 @@ class MASS(nn.Module):
         for name in meta["routed_layers"]:
             if name not in linears:
                 raise ValueError(f"{path} routes layer {name!r}, which the base skeleton has "
-                                 f"not as a Linear layer (nn.Linear or transformers' Conv1D)")
+                                 f"not as a {_LINEAR_LAYERS}")
             linear = model.get_submodule(name)
             needed = ["weight", "U_t", "S", "V"] + (["bias"] if linear.bias is not None else [])
             missing = [f"{name}.{k}" for k in needed if f"{name}.{k}" not in tensors]
@@ -689,38 +713,81 @@ class MASS(nn.Module):
             raise ValueError(f"{path} does not match the base skeleton: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
         _keep_output_layer_untied(model)
-        model.eval()  # a skeleton made from a config (e.g. AutoModel.from_config) trains
         router = dict(meta["router"])
         if router.get("pooling") == "callable":
             if pooling is None:
                 raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
             router["pooling"] = pooling
         try:
-            return cls(model, meta["task_names"], **router)
+            return cls(model, meta["task_names"], **router).eval()
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path} holds invalid settings: {error}") from error
 
 
-def _unshared(state: Mapping[str, torch.Tensor]):
-    """(tensors, aliases): the state with every tensor that another key already holds
-    (the same view: tied weights, a module registered twice) replaced by an alias
-    {key: first key}, and any other memory overlap copied (safetensors refuses it)."""
-    tensors, aliases, views, storages = {}, {}, {}, set()
+def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict:
+    """{key: first key} for every key whose tensor another key already holds (the same
+    view: tied weights, a module registered twice)."""
+    first, aliases = {}, {}
     for key, value in state.items():
-        value = value.detach()
         if value.numel() == 0:
-            tensors[key] = value.contiguous()
             continue
-        storage = value.untyped_storage().data_ptr()
-        view = (storage, value.storage_offset(), tuple(value.shape), tuple(value.stride()),
-                value.dtype)
-        if view in views:
-            aliases[key] = views[view]
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                tuple(value.shape), tuple(value.stride()), value.dtype)
+        if view in first:
+            aliases[key] = first[view]
+        else:
+            first[view] = key
+    return aliases
+
+
+def _unshared(state: Mapping[str, torch.Tensor]):
+    """(tensors, aliases): the state without its tied keys (`_tied_keys`), and any other
+    memory overlap copied (safetensors refuses shared memory)."""
+    aliases = _tied_keys(state)
+    tensors, storages = {}, set()
+    for key, value in state.items():
+        if key in aliases:
             continue
-        views[view] = key
+        value = value.detach()
+        storage = value.untyped_storage().data_ptr() if value.numel() else None
         tensors[key] = value.clone() if storage in storages else value.contiguous()
-        storages.add(storage)
+        if storage is not None:
+            storages.add(storage)
     return tensors, aliases
+
+
+class _TiedKeysFilled(Mapping):
+    """A checkpoint whose tied keys that were left out (transformers' save_pretrained
+    stores a tied tensor once) read as their partner."""
+
+    def __init__(self, state: Mapping, fill: dict):
+        self.state, self.fill = state, fill
+        if hasattr(state, "argument"):
+            self.argument = state.argument
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.state[self.fill.get(key, key)]
+
+    def __contains__(self, key) -> bool:
+        return key in self.fill or key in self.state
+
+    def __iter__(self):
+        return iter([*self.state, *self.fill])
+
+    def __len__(self) -> int:
+        return len(self.state) + len(self.fill)
+
+
+def _fill_tied_keys(state: Mapping, tied: dict) -> Mapping:
+    """`state`, with each key tied in the base (tied: {key: first key}) that it lacks read
+    from the key it is tied to."""
+    fill = {}
+    for key, first in tied.items():
+        if key not in state and first in state:
+            fill[key] = first
+        elif first not in state and key in state:
+            fill[first] = key
+    return _TiedKeysFilled(state, fill) if fill else state
 
 
 _ROUTER_SETTINGS = ("router_layer", "pooling", "top_k", "temperature", "threshold",
@@ -827,6 +894,18 @@ def _router_layer_list(router_layer: RouterLayers, model: nn.Module) -> list:
     return [_canonical_name(model, n) for n in names]
 
 
+def _check_per_sample_routing(routing: Routing) -> None:
+    """A Routing of int64 indices (B, k), one row per sample, and weights of their shape."""
+    indices, weights = getattr(routing, "indices", None), getattr(routing, "weights", None)
+    if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
+        raise TypeError(f"routing must be a Routing (indices, weights, residuals), got "
+                        f"{type(routing).__name__}")
+    if indices.dim() != 2 or indices.dtype != torch.int64 or weights.shape != indices.shape:
+        raise ValueError(f"routing must hold int64 indices (B, k), one row per sample, and "
+                         f"weights of their shape; got indices {tuple(indices.shape)} "
+                         f"{indices.dtype}, weights {tuple(weights.shape)}")
+
+
 def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
     """Task-unknown classification with per-task heads (the paper's rule): among the tasks
     a sample selected, use the head whose max logit is largest.
@@ -837,10 +916,8 @@ def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
     hand: `route` always keeps the first slot).
     """
     head_logits = list(head_logits)
+    _check_per_sample_routing(routing)
     indices = routing.indices
-    if indices.dim() != 2 or indices.dtype != torch.int64:
-        raise ValueError(f"routing.indices must be int64 (B, k), one row per sample, got "
-                         f"{indices.dtype} of shape {tuple(indices.shape)}")
     B = indices.shape[0]
     shapes = [tuple(logits.shape) for logits in head_logits]
     if not shapes or any(len(s) != 2 or s[0] != B or s[1] < 1 for s in shapes):

@@ -46,6 +46,29 @@ def low_rank_factors(deltas: torch.Tensor, rank: int):
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
+def task_factors(linear: nn.Module, deltas_or_weights, *, rank: Optional[int] = None,
+                 are_deltas: bool = False, decorrelate: bool = False):
+    """(U, S, V) of a routed layer, in the layer's dtype, from a base nn.Linear (or
+    transformers' Conv1D) and T fine-tuned weights (or deltas) in the layer's own layout:
+    per-task truncated SVD (float64) of rank `rank` (default min(d_out, d_in) // T),
+    optionally decorrelated across tasks."""
+    if not is_linear(linear):
+        raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
+                        f"{type(linear).__name__}")
+    stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(linear.weight.device)
+    if stacked.shape[1:] != linear.weight.shape:
+        raise ValueError(
+            f"deltas_or_weights must each have the shape of linear.weight "
+            f"{tuple(linear.weight.shape)}, got {tuple(stacked.shape[1:])}")
+    W0, stacked = linear_weight(linear).detach(), linear_weight(linear, stacked)
+    deltas = stacked.to(torch.float64) - (0 if are_deltas else W0.to(torch.float64))
+    T, d_out, d_in = deltas.shape
+    U, S, V = low_rank_factors(deltas, default_rank(d_out, d_in, T) if rank is None else rank)
+    if decorrelate:
+        U, V = decorrelate_factors(U, V)
+    return U.to(W0.dtype), S.to(W0.dtype), V.to(W0.dtype)
+
+
 def decorrelate_factors(U: torch.Tensor, V: torch.Tensor):
     """TSV-style decorrelation: replace the stacked U (d_out, T r) and V (T r, d_in) by the
     nearest matrices with orthonormal columns/rows (polar factor), so that different tasks'
@@ -78,6 +101,18 @@ class _RouteState(threading.local):
         self.indices = None         # (B, k) per sample, for "prerouted"
         self.weights = None
         self.repeat_samples = False  # "prerouted": a batch of m * B rows is each sample m times
+        self.repeated = {}           # rows -> (indices, weights) repeated: once per decode step
+
+    def routing_for(self, rows: int):
+        """(indices, weights) for a batch of `rows` rows: as given, or with repeat_samples
+        each sample repeated rows // B times (computed once for all layers)."""
+        B = self.indices.shape[0]
+        if not (self.repeat_samples and B and rows != B and rows % B == 0):
+            return self.indices, self.weights
+        if rows not in self.repeated:
+            self.repeated[rows] = (self.indices.repeat_interleave(rows // B, 0),
+                                   self.weights.repeat_interleave(rows // B, 0))
+        return self.repeated[rows]
 
     def __reduce__(self):
         # Copies and pickles start with no routing instruction (thread-locals do not pickle).
@@ -120,7 +155,7 @@ class RoutedLinear(nn.Module):
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
         self.state: Optional[_RouteState] = None  # set by MASS
-        # What a call outside any MASS pass does: "self" (route each row), or "unrouted"
+        # What a call outside any MASS pass does: "self" (route each row), or "refuse"
         # (refuse: set by a two-pass MASS, whose decisions come from its pass 1).
         self.idle_mode = "self"
         self.last_routing = None                  # (indices, weights) of the last self-routed call
@@ -152,7 +187,7 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = "self" if self.state is None else self.state.mode or self.idle_mode
-        if mode == "unrouted":
+        if mode == "refuse":
             raise RuntimeError(
                 "this RoutedLinear belongs to a two-pass MASS model, whose per-sample "
                 "decision comes from its pass 1: call the model through the MASS wrapper "
@@ -168,12 +203,8 @@ class RoutedLinear(nn.Module):
             self.last_routing = (indices, weights)
             return out
         # Per-sample decision (B, k), applied to every row of that sample.
-        indices, weights = self.state.indices, self.state.weights
+        indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
         B, k = indices.shape
-        if self.state.repeat_samples and x.dim() >= 2 and B and x.shape[0] % B == 0:
-            repeats = x.shape[0] // B   # generate's beams / sequences per prompt, in order
-            indices, weights = indices.repeat_interleave(repeats, 0), weights.repeat_interleave(repeats, 0)
-            B = x.shape[0]
         if x.dim() < 2 or x.shape[0] != B:
             raise ValueError(
                 f"a routed layer's input must have the batch first (B, ..., in_features) "
@@ -199,22 +230,8 @@ class RoutedLinear(nn.Module):
         rank: per-task rank r, default min(d_out, d_in) // T; bias: the bias to use
         (default the base layer's); decorrelate: TSV-style orthogonalisation of the stacked
         factors across tasks; routing: top_k, temperature, threshold, weighting."""
-        if not is_linear(linear):
-            raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
-                            f"{type(linear).__name__}")
-        stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(linear.weight.device)
-        if stacked.shape[1:] != linear.weight.shape:
-            raise ValueError(
-                f"deltas_or_weights must each have the shape of linear.weight "
-                f"{tuple(linear.weight.shape)}, got {tuple(stacked.shape[1:])}")
-        W0, stacked = linear_weight(linear).detach(), linear_weight(linear, stacked)
-        deltas = stacked.to(torch.float64) - (0 if are_deltas else W0.to(torch.float64))
-        T, d_out, d_in = deltas.shape
-        r = default_rank(d_out, d_in, T) if rank is None else rank
-        U, S, V = low_rank_factors(deltas, r)
-        if decorrelate:
-            U, V = decorrelate_factors(U, V)
-        dtype = W0.dtype
+        U, S, V = task_factors(linear, deltas_or_weights, rank=rank, are_deltas=are_deltas,
+                               decorrelate=decorrelate)
+        W0 = linear_weight(linear).detach()
         b = linear.bias if bias is None else bias
-        return cls(W0, None if b is None else b.detach(), U.to(dtype), S.to(dtype), V.to(dtype),
-                   **routing)
+        return cls(W0, None if b is None else b.detach(), U, S, V, **routing)

@@ -216,7 +216,7 @@ def test_bad_build_inputs(tasks, tmp_path, capsys):
         (with_base(BASE, ["--task", f"t0={tmp_path / 'gone.safetensors'}"]),
          ["--task t0", "does not exist"]),
         (with_base(BASE, ["--task", f"t0={wrong}", "--task", f"t1={b}"]),
-         ["finetuned['t0'] does not match the base model"]),
+         ["--task t0 does not match the base model"]),
     ]
     for argv, expected in cases:
         assert_error(capsys, argv, *expected)

@@ -139,7 +139,7 @@ def test_gpt2_conv1d_layers_are_routed_and_reproduce_each_expert(gpt2_experts, t
         mm.save(tmp_path / "gpt2.safetensors")
         skeleton = transformers.GPT2LMHeadModel(base.config)
         loaded = MASS.load(tmp_path / "gpt2.safetensors", skeleton)
-        assert not loaded.model.training
+        assert not loaded.training and not loaded.model.training
         assert torch.equal(loaded(input_ids=prompts).logits, mm(input_ids=prompts).logits)
 
 
@@ -194,3 +194,41 @@ def test_bert_mlm_output_layer_stays_routed_after_tie_weights():
         before = mm(input_ids=prompts).logits
         mm.model.tie_weights()
         assert torch.equal(mm(input_ids=prompts).logits, before)
+
+
+def test_build_from_save_pretrained_files_with_tied_keys_left_out(gpt2_experts, tmp_path):
+    """save_pretrained stores a tied tensor once (GPT-2's lm_head.weight is the token
+    embedding): the left-out key reads as its partner."""
+    from safetensors import safe_open
+
+    base, mm, experts = gpt2_experts
+    paths = {}
+    for t, expert in enumerate(experts):
+        expert.save_pretrained(tmp_path / f"task{t}")
+        paths[f"task{t}"] = tmp_path / f"task{t}" / "model.safetensors"
+    with safe_open(paths["task0"], framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    from_files = MASS.from_finetuned(base, paths, router_layer="transformer.h.1.mlp.c_proj",
+                                     pooling="mean", progress=False)
+    prompts = _prompts(seed=9)
+    with torch.no_grad():
+        assert torch.equal(from_files(input_ids=prompts).logits, mm(input_ids=prompts).logits)
+
+
+def test_generate_infers_the_mask_as_transformers_does(llama_experts):
+    """The pad token masks padding, unless it is also the end-of-sequence token: then it
+    is text and transformers infers no mask, nor does pass 1."""
+    mm, _ = llama_experts
+    prompts = _prompts(seed=10)
+    prompts[:, :2] = 0                                    # pad_token_id 0 at the front
+    settings = dict(max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        mm.generate(prompts, **settings)
+        masked = mm.routing.residuals
+        mm.route(input_ids=prompts, attention_mask=(prompts != 0).long(),
+                 position_ids=(torch.arange(5) - 2).clamp(min=0).expand(4, 5))
+        torch.testing.assert_close(masked, mm.routing.residuals)
+        mm.generate(prompts, eos_token_id=0, **settings)  # pad == eos: no mask
+        unmasked = mm.route(input_ids=prompts).residuals
+        torch.testing.assert_close(mm.routing.residuals, unmasked)
+        assert not torch.allclose(masked, unmasked)

@@ -530,6 +530,48 @@ def make_base():
     return make_experts()[0]
 
 
+def test_checkpoint_files_are_read_once_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """From .safetensors paths (and through the CLI, with its prefix stripping), every
+    tensor of every checkpoint is read exactly once, when needed: the T experts are never
+    all in memory, and the build costs one read of them."""
+    from collections import Counter
+
+    from safetensors.torch import save_file
+
+    import mass_ext.cli
+    import mass_ext.model
+
+    base, finetuned, _ = make_experts()
+    paths, prefixed = {}, {}
+    for name, expert in finetuned.items():
+        state = {k: v.contiguous() for k, v in expert.state_dict().items()}
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file(state, paths[name])
+        prefixed[name] = tmp_path / f"{name}-prefixed.safetensors"   # a task model's file
+        save_file({**{f"encoder.{k}": v for k, v in state.items()},
+                   "head.weight": torch.zeros(2, D_OUT)}, prefixed[name])
+    reads = Counter()
+    original = mass_ext.model._SafetensorsCheckpoint.__getitem__
+
+    def counting(self, key):
+        reads[self.path, key] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(mass_ext.model._SafetensorsCheckpoint, "__getitem__", counting)
+    direct = MASS.from_finetuned(base, paths, router_layer="0", progress=False)
+    keys = list(base.state_dict())
+    assert reads == Counter({(str(p), k): 1 for p in paths.values() for k in keys})
+    reads.clear()
+    bundle = tmp_path / "cli.safetensors"
+    mass_ext.cli.main(["build", "--base", "tests.test_model:make_base", "--router-layer", "0",
+                       *[a for n, p in prefixed.items() for a in ("--task", f"{n}={p}")],
+                       "-o", str(bundle)])
+    assert reads == Counter({(str(p), f"encoder.{k}"): 1 for p in prefixed.values() for k in keys})
+    x = torch.randn(4, D_IN)
+    with torch.no_grad():
+        assert torch.equal(MASS.load(bundle, make_base())(x), direct(x))
+
+
 def test_run_with_known_task_ids_matches_each_expert(experts):
     """Pass 2 alone with a given routing (e.g. known task ids) on inputs the router
     would not separate: each row gets its own expert."""
