@@ -168,14 +168,16 @@ class _BaseKeys(Mapping):
 
 def _strip_prefix(state: Mapping, keys: set) -> Mapping:
     """HF checkpoints of a task model (e.g. BertForSequenceClassification) prefix the
-    encoder's keys ("bert.") and add heads: keep the base model's keys only (no tensor is
-    read here)."""
+    encoder's keys ("bert.") and add heads: keep the base model's keys, under the prefix
+    (none, or a first name component) that holds the most of them. Keys still missing
+    are for the build to fill (tied ones) or to report (no tensor is read here)."""
     names = set(state)
-    prefixes = {k.split(".", 1)[0] + "." for k in names if "." in k}
-    for prefix in ["", *sorted(prefixes)]:
-        if {prefix + k for k in keys} <= names:
-            return _BaseKeys(state, prefix, keys)
-    return state
+    prefixes = ["", *sorted({k.split(".", 1)[0] + "." for k in names if "." in k})]
+    found = {p: {k for k in keys if p + k in names} for p in prefixes}
+    prefix = max(prefixes, key=lambda p: len(found[p]))  # ties: the earliest, "" first
+    if prefix == "" and names <= keys:
+        return state
+    return _BaseKeys(state, prefix, found[prefix])
 
 
 def build(args) -> None:

@@ -85,8 +85,8 @@ class _SafetensorsCheckpoint(Mapping):
 
 def _keep_output_layer_untied(model: nn.Module) -> None:
     """A routed output layer keeps its own base weight, while the input embeddings it was
-    tied to are averaged: a transformers model would re-tie them on tie_weights() (e.g.
-    in resize_token_embeddings) unless its config says not to."""
+    tied to are averaged: a transformers model would re-tie them on tie_weights() unless
+    its config says not to."""
     config = getattr(model, "config", None)
     if not getattr(config, "tie_word_embeddings", False):
         return
@@ -108,7 +108,8 @@ def _warn_averaged_matrices(base: nn.Module, merged: dict, readers: dict) -> Non
         if value.dim() < 2 or isinstance(module, nn.Embedding):
             continue
         why = (f"its {readers[owner]} reads the weight without calling the layer"
-               if owner in readers else f"a {type(module).__name__}, not a Linear layer")
+               if owner in readers else "not in target" if is_linear(module)
+               else f"a {type(module).__name__}, not a Linear layer")
         averaged.append(f"{key} ({why})")
     if averaged:
         warnings.warn("not routed, their task updates averaged instead: " + ", ".join(averaged),
@@ -387,11 +388,20 @@ class MASS(nn.Module):
                 if r > min(d_out, d_in):
                     clamped.append(f"{layer} ({r} -> {min(d_out, d_in)})")
                     r = min(d_out, d_in)
+                if decorrelate and T * r > min(d_out, d_in):
+                    raise ValueError(f"decorrelate=True needs T * rank <= min(d_out, d_in); "
+                                     f"layer {layer!r} has {T} * {r} > {min(d_out, d_in)}: "
+                                     "pass a smaller rank= or target= without it")
                 factors[layer] = task_factors(linear, tensors, rank=r, decorrelate=decorrelate)
             elif layer is None and changed:
                 merged[key] = torch.stack(tensors).to(torch.float64).mean(0).to(value.dtype)
-            if key in router_keys and _canonical_name(base, owner) not in factors:
-                raise ValueError(f"router_layer {owner!r} is not routed: no task changes it")
+            if key in router_keys:
+                unchanged = [n for n, t in zip(names, tensors) if torch.equal(t, value)]
+                if unchanged:
+                    raise ValueError(
+                        f"router_layer {owner!r} is not changed by task(s) {unchanged}: their "
+                        "subspaces there are arbitrary, so routing could not tell them apart; "
+                        "choose a router layer every task changes")
         _warn_averaged_matrices(base, merged, readers)
         if clamped:
             warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
@@ -416,7 +426,8 @@ class MASS(nn.Module):
         if self.mode == "per_layer":
             with self._pass("self"), self._capture_router_inputs(early_exit=False) as captured:
                 out = self.model(*args, **kwargs)
-            self.routing = self.decide(self._pooled(captured, kwargs), kwargs)
+            named = self._call_arguments(args, kwargs)
+            self.routing = self.decide(self._pooled(captured, named), named)
             return out
         return self.run(self.route(*args, **kwargs), *args, **kwargs)
 
@@ -435,6 +446,12 @@ class MASS(nn.Module):
         `generate` expands prompts for beams or several sequences)."""
         _check_per_sample_routing(routing)
         return self._pass("prerouted", routing, repeat_samples)
+
+    def _takes_argument(self, name: str) -> bool:
+        try:
+            return name in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):  # no inspectable signature
+            return False
 
     def _call_arguments(self, args, kwargs) -> dict:
         """The model's forward arguments by name, positional ones included."""
@@ -476,7 +493,7 @@ class MASS(nn.Module):
                 raise ValueError("pooling='cls' pools the first token, which is padding in "
                                  "a left-padded prompt: use pooling='mean' or 'tokens' to "
                                  "generate from padded prompts")
-            if "position_ids" in inspect.signature(self.model.forward).parameters:
+            if self._takes_argument("position_ids"):
                 first["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():  # as generate itself
             routing = self.route(**first)
@@ -498,7 +515,8 @@ class MASS(nn.Module):
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
         # Returned from a local: self.routing is shared, another thread may replace it.
-        routing = self.decide(self.router_inputs(*args, **kwargs), kwargs)
+        routing = self.decide(self.router_inputs(*args, **kwargs),
+                              self._call_arguments(args, kwargs))
         self.routing = routing
         return routing
 
@@ -506,8 +524,8 @@ class MASS(nn.Module):
                top_k: Optional[int] = None, threshold: Optional[float] = None,
                weighting: Optional[str] = None) -> Routing:
         """The routing of `router_inputs` (from `router_inputs`) with this model's options,
-        or the top_k / threshold / weighting given; kwargs: the forward call's keyword
-        arguments (its attention_mask matters for pooling="tokens")."""
+        or the top_k / threshold / weighting given; kwargs: the forward call's arguments
+        by name (its attention_mask matters for pooling="tokens")."""
         mask = (kwargs or {}).get("attention_mask") if self.pooling == "tokens" else None
         return route_features(
             router_inputs, self.router_bases(), self.top_k if top_k is None else top_k,
@@ -521,7 +539,8 @@ class MASS(nn.Module):
         `decide` turns them into `route`'s decision, for any top_k or threshold."""
         # Pass 1 stops inside the model: a KV cache passed in would keep its entries, and
         # pass 2 would add its own after them.
-        cached = [name for name, value in self._call_arguments(args, kwargs).items()
+        named = self._call_arguments(args, kwargs)
+        cached = [name for name, value in named.items()
                   if name in _CACHE_ARGUMENTS and value is not None]
         if cached:
             raise ValueError(
@@ -535,7 +554,7 @@ class MASS(nn.Module):
                 self.model(*args, **kwargs)
             except _EarlyExit:
                 pass
-        return self._pooled(captured, kwargs)
+        return self._pooled(captured, named)
 
     @contextlib.contextmanager
     def _capture_router_inputs(self, early_exit: bool):

@@ -232,3 +232,53 @@ def test_generate_infers_the_mask_as_transformers_does(llama_experts):
         unmasked = mm.route(input_ids=prompts).residuals
         torch.testing.assert_close(mm.routing.residuals, unmasked)
         assert not torch.allclose(masked, unmasked)
+
+
+def test_positional_attention_mask_pools_like_the_keyword_one(llama_experts):
+    mm, _ = llama_experts
+    prompts = _prompts(seed=11)
+    mask = torch.ones_like(prompts)
+    mask[:, :2] = 0
+    with torch.no_grad():
+        by_name = mm.route(input_ids=prompts, attention_mask=mask).residuals
+        by_position = mm.route(prompts, mask).residuals
+        unmasked = mm.route(prompts).residuals
+    assert torch.equal(by_position, by_name) and not torch.allclose(by_name, unmasked)
+
+
+def test_cli_builds_from_task_checkpoints_with_tied_keys_and_names_missing_ones(tmp_path, capsys):
+    """A BART generation checkpoint (keys under "model.", the shared embeddings stored
+    once) builds against a BartModel base folder; a BERT masked-LM checkpoint (no pooler)
+    against a BertModel base is refused, naming the pooler."""
+    import mass_ext.cli
+
+    torch.manual_seed(0)
+    bart = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1,
+                                   decoder_layers=1, encoder_attention_heads=2,
+                                   decoder_attention_heads=2, encoder_ffn_dim=16,
+                                   decoder_ffn_dim=16, max_position_embeddings=32)
+    base = transformers.BartModel(bart).eval()
+    base.save_pretrained(tmp_path / "base")
+    args = ["build", "--base", str(tmp_path / "base"), "--pooling", "mean",
+            "--router-layer", "encoder.layers.0.fc1", "-o", str(tmp_path / "bart.safetensors")]
+    for t in range(T):
+        task = transformers.BartForConditionalGeneration(bart)
+        task.model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for module in task.model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight += 0.05 * torch.randn(module.weight.shape)
+        task.save_pretrained(tmp_path / f"task{t}")
+        args += ["--task", f"task{t}={tmp_path / f'task{t}'}"]
+    mass_ext.cli.main(args)
+    assert "tasks       2: task0, task1" in capsys.readouterr().out
+
+    bert = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=16)
+    transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
+    transformers.BertForMaskedLM(bert).save_pretrained(tmp_path / "mlm")
+    with pytest.raises(SystemExit):
+        mass_ext.cli.main(["build", "--base", str(tmp_path / "bert"), "--router-layer",
+                           "encoder.layer.0.output.dense", "--task", f"a={tmp_path / 'mlm'}",
+                           "-o", str(tmp_path / "bert.safetensors")])
+    assert "missing ['pooler.dense.bias', 'pooler.dense.weight']" in capsys.readouterr().err

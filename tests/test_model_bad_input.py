@@ -370,3 +370,27 @@ def test_pick_head_takes_any_iterable_and_refuses_float_indices():
     assert task.tolist() == [1, 0] and prediction.tolist() == [1, 1]
     with pytest.raises(ValueError, match=r"int64 indices \(B, k\).*torch.float32"):
         mass_ext.pick_head(heads, Routing(routing.indices.float(), routing.weights, None))
+
+
+def test_router_layer_every_task_must_change(experts):
+    """A task that leaves the router layer unchanged has an arbitrary subspace there
+    (S = 0): routing could not pick it, so the build refuses, even with target= given."""
+    base, finetuned, _ = experts
+    lazy = dict(finetuned, task1={**finetuned["task1"].state_dict(), "0.weight": base[0].weight})
+    for target in (None, ["0", "2"]):
+        with pytest.raises(ValueError, match=r"router_layer '0' is not changed by task\(s\) \['task1'\]"):
+            MASS.from_finetuned(base, lazy, router_layer="0", target=target, progress=False)
+
+
+def test_decorrelate_too_many_directions_names_the_layer(experts):
+    base, finetuned, _ = experts
+    with pytest.raises(ValueError, match=r"layer '2' has 3 \* 8 > 8: pass a smaller rank="):
+        MASS.from_finetuned(base, finetuned, router_layer="0", rank=8, decorrelate=True,
+                            progress=False)
+
+
+def test_linear_layers_left_out_of_target_are_averaged_with_that_reason(experts):
+    base, finetuned, _ = experts
+    with pytest.warns(UserWarning, match=r"2\.weight \(not in target\)"):
+        mm = MASS.from_finetuned(base, finetuned, router_layer="0", target=["0"], progress=False)
+    assert list(mm.routed) == ["0"]
