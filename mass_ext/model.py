@@ -313,12 +313,14 @@ class MASS(nn.Module):
                        weighting: str = "uniform", mode: str = "two_pass",
                        target: Optional[Sequence[str]] = None, first_pass: str = "pretrained",
                        decorrelate: bool = False, progress: bool = True) -> "MASS":
-        """Builds MASS from `base` (left untouched) and named fine-tuned checkpoints.
+        """Builds MASS from `base` (left untouched) and named fine-tuned checkpoints (an
+        nn.Module, a state dict, or a .safetensors path: read one tensor at a time).
 
-        Every targeted nn.Linear (default: every Linear whose weight differs in some task)
-        becomes a RoutedLinear with per-task truncated SVD factors of rank `rank` (default
-        min(d_out, d_in) // T, clamped per layer with one warning). Every other parameter
-        or buffer that differs (biases, norms, embeddings) is averaged over the tasks.
+        Every targeted Linear layer (nn.Linear or transformers' Conv1D; default: every one
+        whose weight differs in some task) becomes a RoutedLinear with per-task truncated
+        SVD factors of rank `rank` (default min(d_out, d_in) // T, clamped per layer with
+        one warning). Every other parameter or buffer that differs (biases, norms,
+        embeddings) is averaged over the tasks. Every task must change the router layer(s).
         first_pass: weights of the routing pass, "pretrained" (default: the base model,
         no extra compute or storage, and the features MASS routes on are the base
         model's), "tsvm" (the TSV-M merge: all tasks' blocks summed, with decorrelated
