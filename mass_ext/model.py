@@ -517,8 +517,7 @@ class MASS(nn.Module):
         """Pass 1 only: runs the model up to the router layer, pools its input per sample
         and routes it. Sets and returns `self.routing`."""
         # Returned from a local: self.routing is shared, another thread may replace it.
-        routing = self.decide(self.router_inputs(*args, **kwargs),
-                              self._call_arguments(args, kwargs))
+        routing = self.decide(*self._first_pass_inputs(args, kwargs))
         self.routing = routing
         return routing
 
@@ -539,6 +538,10 @@ class MASS(nn.Module):
         """Pass 1 up to the (last) router layer: the pooled input of each router layer,
         (B, d_in) per layer ((B, L, d_in) for pooling="tokens"), in `router_layers` order.
         `decide` turns them into `route`'s decision, for any top_k or threshold."""
+        return self._first_pass_inputs(args, kwargs)[0]
+
+    def _first_pass_inputs(self, args, kwargs) -> tuple:
+        """(router_inputs, the forward call's arguments by name)."""
         # Pass 1 stops inside the model: a KV cache passed in would keep its entries, and
         # pass 2 would add its own after them.
         named = self._call_arguments(args, kwargs)
@@ -556,7 +559,7 @@ class MASS(nn.Module):
                 self.model(*args, **kwargs)
             except _EarlyExit:
                 pass
-        return self._pooled(captured, named)
+        return self._pooled(captured, named), named
 
     @contextlib.contextmanager
     def _capture_router_inputs(self, early_exit: bool):

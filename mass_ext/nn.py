@@ -156,7 +156,7 @@ class RoutedLinear(nn.Module):
             top_k, temperature, threshold, weighting)
         self.state: Optional[_RouteState] = None  # set by MASS
         # What a call outside any MASS pass does: "self" (route each row), or "refuse"
-        # (refuse: set by a two-pass MASS, whose decisions come from its pass 1).
+        # (raise; set by a two-pass MASS, whose decisions come from its pass 1).
         self.idle_mode = "self"
         self.last_routing = None                  # (indices, weights) of the last self-routed call
 
