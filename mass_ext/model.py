@@ -31,6 +31,10 @@ MODES = ("two_pass", "per_layer")
 # Keyword arguments through which transformers models take a KV cache.
 _CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_params", "past_key_value")
 
+# The calling thread's id, run eagerly under torch.compile (dynamo cannot trace it): the
+# router-input hooks count only the calls of the thread that registered them.
+_thread_id = torch.compiler.disable(threading.get_ident)
+
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 RouterLayers = Union[str, Sequence[str]]
 
@@ -567,11 +571,11 @@ class MASS(nn.Module):
         (raises _EarlyExit) once all of them are known."""
         captured = {}
         # Hooks are shared by every thread calling the model: only this thread's calls count.
-        owner = threading.get_ident()
+        owner = _thread_id()
 
         def hook_for(name):
             def capture(_module, inputs):
-                if threading.get_ident() != owner:
+                if _thread_id() != owner:
                     return
                 captured[name] = inputs[0]
                 if early_exit and len(captured) == len(self.router_layers):

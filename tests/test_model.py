@@ -640,3 +640,70 @@ def test_threads_calling_one_model_get_their_own_routing(experts):
                 assert all(torch.equal(a, b) for a, b in zip(got, expected[i:i + 2]))
     finally:
         hook.remove()
+
+
+# Relative error (Frobenius) allowed against the float32 experts: a few units of the
+# dtype's rounding, which the merged weight W0 + U S V and every activation incur.
+_HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", list(_HALF_TOLERANCE))
+def test_half_precision_models_build_route_and_round_trip(experts, dtype, tmp_path):
+    """Base and experts in bfloat16 or float16: the factors and averaged parameters keep
+    the model's dtype, every sample reaches its own expert, and the bundle restores it."""
+    base, finetuned, subspaces = experts
+    half_base = copy.deepcopy(base).to(dtype)
+    half_experts = {name: copy.deepcopy(m).to(dtype) for name, m in finetuned.items()}
+    mm = MASS.from_finetuned(half_base, half_experts, router_layer="0", progress=False)
+    assert {v.dtype for v in mm.model.state_dict().values()} == {dtype}
+    x, labels = task_inputs(subspaces, 5)
+    with torch.no_grad():
+        out = mm(x.to(dtype))
+        assert out.dtype == dtype and torch.equal(mm.routing.indices[:, 0], labels)
+        for t, expert in enumerate(finetuned.values()):
+            rows = labels == t
+            want = expert(x[rows]).double()
+            error = (out[rows].double() - want).norm() / want.norm()
+            assert error < _HALF_TOLERANCE[dtype], (t, error.item())
+        mm.save(tmp_path / "half.safetensors")
+        loaded = MASS.load(tmp_path / "half.safetensors", copy.deepcopy(half_base))
+        assert torch.equal(loaded(x.to(dtype)), out)
+
+
+def test_compiled_models_read_the_routing_at_every_call(experts):
+    """torch.compile of the wrapper (both modes) and of the routed model itself (per-layer:
+    one graph; two-pass: under mm.applying) computes what eager mode computes, also when
+    only the routing changes between calls: no decision is baked in at trace time."""
+    import warnings
+
+    base, finetuned, subspaces = experts
+    batches = [task_inputs(subspaces, n, seed=s)[0] for n, s in ((4, 1), (4, 2), (3, 3))]
+    for mode in ("two_pass", "per_layer"):
+        mm = MASS.from_finetuned(base, finetuned, router_layer="0", mode=mode, progress=False)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eager = [(mm(x), mm.routing.indices.clone()) for x in batches]
+            compiled = torch.compile(mm, backend="aot_eager")
+            for x, (out, indices) in zip(batches, eager):
+                torch.testing.assert_close(compiled(x), out, atol=1e-6, rtol=1e-6)
+                assert torch.equal(mm.routing.indices, indices)
+        # The wrapper's thread bookkeeping runs eagerly, without dynamo's warnings.
+        assert not [w for w in caught if "Dynamo" in str(w.message)], mode
+    # per-layer mode: the routed model compiles to one graph (no break in RoutedLinear).
+    model = torch.compile(mm.model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for x, (out, _) in zip(batches, eager):
+            torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-6)
+
+    # two-pass: the same input under two different per-sample decisions.
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    model = torch.compile(mm.model, backend="aot_eager")
+    x = batches[0]
+    tasks = torch.arange(len(x)) % T
+    with torch.no_grad():
+        for shift in range(T):
+            routing = mass_ext.Routing(((tasks + shift) % T).unsqueeze(1), torch.ones(len(x), 1),
+                                       torch.zeros(len(x), T))
+            with mm.applying(routing):
+                got = model(x)
+            torch.testing.assert_close(got, mm.run(routing, x), atol=1e-6, rtol=1e-6)
