@@ -472,39 +472,56 @@ class MASS(nn.Module):
             named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
         return named
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 **kwargs):
+    def generate(self, inputs: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, **kwargs):
         """The model's own `generate` (a transformers generative model) with MASS: in
-        two-pass mode, pass 1 routes each prompt (input_ids, attention_mask) once and
-        every token generated for it, with the KV cache, beams or several sequences per
-        prompt, uses that decision (`self.routing`); per-layer, every token routes itself
-        (`self.routing` is then None).
+        two-pass mode, pass 1 routes each prompt once and every token generated for it,
+        with the KV cache, beams or several sequences per prompt, uses that decision
+        (`self.routing`); per-layer, every token routes itself (`self.routing` is then
+        None). inputs: the prompts, as the model's main input (input_ids, or e.g. Whisper's
+        input_features; also accepted by that name).
 
-        Pass 1 sees the prompts as generate does: without attention_mask, padding is
-        inferred from the pad token; with a mask, position ids count valid tokens only
-        (where the model takes position_ids), so a left-padded prompt routes like the same
-        prompt alone (pooling "mean" or "tokens": "cls" would pool a pad)."""
-        if attention_mask is None:
-            attention_mask = self._inferred_attention_mask(input_ids, kwargs)
-        inputs = {"input_ids": input_ids}
+        Pass 1 sees the prompts as generate does: without attention_mask, padding in
+        input_ids is inferred from the pad token; with a mask, position ids count valid
+        tokens only (where the model takes position_ids), so a left-padded prompt routes
+        like the same prompt alone (pooling "mean" or "tokens": "cls" would pool a pad).
+        In an encoder-decoder model, the router layers must be in the encoder: the
+        decoder has seen no prompt token when the prompt is routed."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if inputs is None:
+            inputs = kwargs.pop(main, None)
+        if not isinstance(inputs, torch.Tensor):
+            raise ValueError(f"generate needs the prompts as a tensor: inputs or {main}=..., "
+                             f"got {type(inputs).__name__}")
+        if attention_mask is None and main == "input_ids":
+            attention_mask = self._inferred_attention_mask(inputs, kwargs)
+        prompts = {main: inputs}
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask
+            prompts["attention_mask"] = attention_mask
         if self.mode == "per_layer":
             self.routing = None
             with self._pass("self"):
-                return self.model.generate(**inputs, **kwargs)
-        first = dict(inputs)
+                return self.model.generate(**prompts, **kwargs)
+        in_decoder = [name for name in self.router_layers if self._in_decoder(name)]
+        if in_decoder:
+            raise ValueError(
+                f"generate routes each prompt before decoding, but the router layer(s) "
+                f"{in_decoder} are in the decoder, which has seen no prompt token then: "
+                "choose router layers in the encoder, or route yourself (mm.route(..., "
+                "decoder_input_ids=...)) and generate under `with mm.applying(routing, "
+                "repeat_samples=True)`")
+        first = dict(prompts)
         if attention_mask is not None and not bool(attention_mask.all()):
-            if self.pooling == "cls":
+            if self.pooling == "cls" and not bool(attention_mask[:, 0].all()):
                 raise ValueError("pooling='cls' pools the first token, which is padding in "
                                  "a left-padded prompt: use pooling='mean' or 'tokens' to "
-                                 "generate from padded prompts")
+                                 "generate from left-padded prompts")
             if self._takes_argument("position_ids"):
                 first["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():  # as generate itself
             routing = self.route(**first)
         with self.applying(routing, repeat_samples=True):
-            return self.model.generate(**inputs, **kwargs)
+            return self.model.generate(**prompts, **kwargs)
 
     def _inferred_attention_mask(self, input_ids: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
         """The mask transformers' generate infers: tokens other than the pad token, when the
@@ -530,8 +547,10 @@ class MASS(nn.Module):
                weighting: Optional[str] = None) -> Routing:
         """The routing of `router_inputs` (from `router_inputs`) with this model's options,
         or the top_k / threshold / weighting given; kwargs: the forward call's arguments
-        by name (its attention_mask matters for pooling="tokens")."""
-        mask = (kwargs or {}).get("attention_mask") if self.pooling == "tokens" else None
+        by name (its padding mask matters for pooling="tokens": see `_padding_mask`)."""
+        mask = None
+        if self.pooling == "tokens" and router_inputs and router_inputs[0].dim() == 3:
+            mask = self._padding_mask(self.router_layers[0], router_inputs[0], kwargs)
         return route_features(
             router_inputs, self.router_bases(), self.top_k if top_k is None else top_k,
             attention_mask=mask, temperature=self.temperature,
@@ -567,15 +586,17 @@ class MASS(nn.Module):
 
     @contextlib.contextmanager
     def _capture_router_inputs(self, early_exit: bool):
-        """Records the input of every router layer; with early_exit, stops the forward pass
-        (raises _EarlyExit) once all of them are known."""
+        """Records the input of every router layer's first call; with early_exit, stops the
+        forward pass (raises _EarlyExit) once all of them are known."""
         captured = {}
         # Hooks are shared by every thread calling the model: only this thread's calls count.
         owner = _thread_id()
 
         def hook_for(name):
             def capture(_module, inputs):
-                if _thread_id() != owner:
+                # A layer called again in the same pass (a shared ALBERT layer, DeBERTa's
+                # projections of its position embeddings) keeps its first input.
+                if _thread_id() != owner or name in captured:
                     return
                 captured[name] = inputs[0]
                 if early_exit and len(captured) == len(self.router_layers):
@@ -595,7 +616,7 @@ class MASS(nn.Module):
         if missing:
             raise RuntimeError(f"the router layer(s) {missing} were not reached by the "
                                "forward pass")
-        return [self._pool(captured[name], kwargs) for name in self.router_layers]
+        return [self._pool(name, captured[name], kwargs) for name in self.router_layers]
 
     def router_bases(self) -> torch.Tensor:
         """The V that `route_features` routes the router inputs against: the router
@@ -622,22 +643,42 @@ class MASS(nn.Module):
         return "prerouted", Routing(indices, torch.full((B, T), self.first_pass_scale,
                                                         device=first.device), None)
 
-    def _pool(self, x: torch.Tensor, kwargs) -> torch.Tensor:
+    def _pool(self, name: str, x: torch.Tensor, kwargs) -> torch.Tensor:
         if callable(self.pooling):
             return self.pooling(x, kwargs)
         if x.dim() < 2:
-            raise ValueError(f"the router layer's input must have the batch first (B, ..., "
-                             f"d), got shape {tuple(x.shape)}")
+            raise ValueError(f"the router layer {name!r}'s input must have the batch first "
+                             f"(B, ..., d), got shape {tuple(x.shape)}")
         if x.dim() == 2:  # one row per sample already
             return x
         if self.pooling == "tokens":
             if x.dim() != 3:
                 raise ValueError(f"pooling='tokens' needs router-layer inputs (B, L, d) or "
-                                 f"(B, d), got shape {tuple(x.shape)}")
+                                 f"(B, d), got shape {tuple(x.shape)} at {name!r}")
             return x
         if self.pooling == "cls":
             return x[:, 0]
-        return _mean_over_tokens(x, kwargs.get("attention_mask"))
+        return _mean_over_tokens(x, self._padding_mask(name, x, kwargs))
+
+    def _in_decoder(self, name: str) -> bool:
+        """Whether layer `name` lies in the decoder of an encoder-decoder transformers
+        model (config.is_encoder_decoder; T5, BART, Whisper...)."""
+        config = getattr(self.model, "config", None)
+        return bool(getattr(config, "is_encoder_decoder", False)) and "decoder" in name.split(".")
+
+    def _padding_mask(self, name: str, x: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
+        """The padding mask (B, L) of router layer `name`'s tokens x (B, L, ...), from the
+        forward's arguments: decoder_attention_mask for a layer in the decoder of an
+        encoder-decoder model, else attention_mask; None (every token valid) if not given."""
+        argument = "decoder_attention_mask" if self._in_decoder(name) else "attention_mask"
+        mask = (kwargs or {}).get(argument)
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"{argument} must have the shape (B, L) = {tuple(x.shape[:2])} of the tokens "
+                f"the router layer {name!r} sees, got {tuple(mask.shape)} (a layer that "
+                "reads another sequence, such as cross-attention keys and values, cannot "
+                "be pooled with it: choose another router layer or a pooling callable)")
+        return mask
 
     # ------------------------------------------------------------------ storage
     def metadata(self) -> dict:

@@ -209,8 +209,10 @@ class RoutedLinear(nn.Module):
             raise ValueError(
                 f"a routed layer's input must have the batch first (B, ..., in_features) "
                 f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
-                "applies one decision per sample: a layer that sees the batch flattened or "
-                "sequence-first cannot be routed per sample)")
+                "applies one decision per sample: a layer that sees the tokens flattened, "
+                "sequence-first, a subset of them (a mixture-of-experts expert) or no batch "
+                "(position embeddings) cannot be routed per sample; leave it out with "
+                "target=, or use mode='per_layer')")
         lead = x.shape[:-1]
         extra = (1,) * (len(lead) - 1)
         indices = indices.view(B, *extra, k).expand(*lead, k)

@@ -282,3 +282,106 @@ def test_cli_builds_from_task_checkpoints_with_tied_keys_and_names_missing_ones(
                            "encoder.layer.0.output.dense", "--task", f"a={tmp_path / 'mlm'}",
                            "-o", str(tmp_path / "bert.safetensors")])
     assert "missing ['pooler.dense.bias', 'pooler.dense.weight']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- encoder-decoder models
+
+def _bart(router_layer, pooling):
+    """A tiny BART generation model (pad 1, eos 2) and T experts with rank-2 Linear
+    deltas (lm_head, tied to the embeddings, unchanged), as MASS."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, max_position_embeddings=32)
+    base = transformers.BartForConditionalGeneration(config).eval()
+    experts = _fine_tuned(base, lambda name, module: isinstance(module, torch.nn.Linear)
+                          and name != "lm_head")
+    mm = MASS.from_finetuned(base, experts, router_layer=router_layer, pooling=pooling,
+                             progress=False)
+    return mm, list(experts.values())
+
+
+def _right_padded(seed, batch=4, length=6):
+    prompts = _prompts(seed=seed, batch=batch, length=length)    # tokens >= 2: no pad (1)
+    mask = torch.ones_like(prompts)
+    for i in range(1, batch):
+        mask[i, length - i:] = 0
+    return prompts.masked_fill(mask == 0, 1), mask
+
+
+def test_a_decoder_router_pools_over_the_decoder_mask():
+    """A router layer in the decoder of an encoder-decoder model pools its tokens with
+    decoder_attention_mask, not the encoder's attention_mask (of another length, or of
+    the same length and silently wrong); a mask of the wrong shape is a clear error, and
+    generate, which routes before decoding, refuses a decoder router."""
+    router = "model.decoder.layers.0.fc1"
+    mm, _ = _bart(router, "mean")
+    decoder = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(4))
+    decoder_mask = torch.ones_like(decoder)
+    decoder_mask[:, 4:] = 0
+    explicit = MASS(mm.model, mm.task_names, router_layer=router, pooling=lambda x, kw: (
+        (x * kw["decoder_attention_mask"][..., None]).sum(1)
+        / kw["decoder_attention_mask"].sum(1, keepdim=True)))
+    with torch.no_grad():
+        for length in (6, 8):    # the encoder's length: the decoder's, or another
+            prompts, mask = _right_padded(seed=12, length=length)
+            inputs = dict(input_ids=prompts, attention_mask=mask, decoder_input_ids=decoder,
+                          decoder_attention_mask=decoder_mask)
+            torch.testing.assert_close(mm.route(**inputs).residuals,
+                                       explicit.route(**inputs).residuals)
+        with pytest.raises(ValueError, match=r"decoder_attention_mask must have the shape "
+                                             r"\(B, L\) = \(4, 6\) of the tokens the router "
+                                             r"layer 'model.decoder.layers.0.fc1' sees"):
+            mm.route(**dict(inputs, decoder_attention_mask=mask))
+        with pytest.raises(ValueError, match=r"router layer\(s\) \['model.decoder.layers.0.fc1'\] "
+                                             "are in the decoder"):
+            mm.generate(prompts, attention_mask=mask, max_new_tokens=2)
+
+
+def test_generate_with_cls_pooling_takes_right_padded_encoder_prompts():
+    """'cls' pools the first token: right padding leaves it a real token, so generate
+    routes such prompts (only left padding is refused), and every prompt's tokens are its
+    routed expert's."""
+    mm, experts = _bart("model.encoder.layers.0.fc1", "cls")
+    prompts, mask = _right_padded(seed=13)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        out = mm.generate(prompts, attention_mask=mask, **settings)
+        tasks = mm.routing.indices[:, 0]
+        assert torch.equal(tasks, mm.route(input_ids=prompts, attention_mask=mask).indices[:, 0])
+        for i in range(len(prompts)):
+            expected = experts[tasks[i]].generate(prompts[i:i + 1], attention_mask=mask[i:i + 1],
+                                                  **settings)
+            assert torch.equal(out[i, :expected.shape[1]], expected[0]), i
+        left = mask.flip(1)                                   # padding in front
+        with pytest.raises(ValueError, match="padding in a left-padded prompt"):
+            mm.generate(prompts, attention_mask=left, **settings)
+
+
+def test_generate_takes_the_models_main_input_whisper_features():
+    """generate's prompts are the model's main input (Whisper: input_features), given
+    by position or by name; pass 1 routes them in the encoder."""
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    base = transformers.WhisperForConditionalGeneration(config).eval()
+    experts = list(_fine_tuned(base, lambda name, module: isinstance(module, torch.nn.Linear)
+                               and name != "proj_out").values())
+    mm = MASS.from_finetuned(base, dict(zip(("a", "b"), experts)), pooling="mean",
+                             router_layer="model.encoder.layers.0.fc1", progress=False)
+    features = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        out = mm.generate(features, **settings)
+        tasks = mm.routing.indices[:, 0]
+        assert torch.equal(mm.generate(input_features=features, **settings), out)
+        for i in range(3):
+            expected = experts[tasks[i]].generate(input_features=features[i:i + 1], **settings)
+            assert torch.equal(out[i], expected[0]), i
+        with pytest.raises(ValueError, match=r"generate needs the prompts as a tensor: inputs "
+                                             r"or input_features=\.\.\., got NoneType"):
+            mm.generate(**settings)

@@ -196,9 +196,14 @@ def test_token_pooling_bad_inputs_are_clear_errors(experts):
     mm = MASS.from_finetuned(_TakesAMask(base), {k: _TakesAMask(m) for k, m in finetuned.items()},
                              router_layer="mlp.0", pooling="tokens", progress=False)
     x, _ = task_inputs(subspaces, 2)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, L\) = \(6, 3\), "
-                                         r"got \(6, 4\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape \(B, L\) = "
+                                         r"\(6, 3\) of the tokens the router layer 'mlp.0' "
+                                         r"sees, got \(6, 4\)"):
         mm.route(x[:, None].expand(-1, 3, -1), attention_mask=torch.ones(6, 4))
+    mean = MASS(mm.model, mm.task_names, router_layer="mlp.0", pooling="mean")
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape \(B, L\) = "
+                                         r"\(6, 3\)"):   # was a broadcast error, or silent
+        mean.route(x[:, None].expand(-1, 3, -1), attention_mask=torch.ones(6, 1))
     with pytest.raises(ValueError, match=r"pooling='tokens' needs router-layer inputs"):
         mm.route(x[:, None, None])
     with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
@@ -707,3 +712,34 @@ def test_compiled_models_read_the_routing_at_every_call(experts):
             with mm.applying(routing):
                 got = model(x)
             torch.testing.assert_close(got, mm.run(routing, x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_router_layer_called_twice_per_forward_routes_on_its_first_call():
+    """A layer the forward calls more than once (a shared ALBERT layer; DeBERTa projects
+    its position embeddings with the query layer too) routes each sample on its first
+    input, in two-pass (pass 1 stops there) and per-layer mode alike."""
+    torch.manual_seed(0)
+
+    class SharedTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.out = nn.Linear(D_IN, D_IN), nn.Linear(D_IN, D_OUT)
+
+        def forward(self, x):
+            return self.out(self.shared(torch.tanh(self.shared(x))))
+
+    base = SharedTwice()
+    g = torch.Generator().manual_seed(5)
+    finetuned = {}
+    for t in range(T):
+        finetuned[f"task{t}"] = expert = copy.deepcopy(base)
+        with torch.no_grad():
+            expert.shared.weight += torch.randn(D_IN, 2, generator=g) @ torch.randn(2, D_IN, generator=g)
+    x = torch.randn(16, D_IN, generator=g)
+    two_pass = MASS.from_finetuned(base, finetuned, router_layer="shared", progress=False)
+    per_layer = MASS(two_pass.model, two_pass.task_names, router_layer="shared", mode="per_layer")
+    with torch.no_grad():
+        first_call = mass_ext.route(x, two_pass.routed["shared"].V)
+        assert torch.equal(two_pass.route(x).indices, first_call.indices)
+        per_layer(x)
+        assert torch.equal(per_layer.routing.indices, first_call.indices)
