@@ -298,15 +298,17 @@ class MASS(nn.Module):
         `routing`) within the block; the previous instruction is restored after it."""
         self._bind_layers()
         state = self._state
-        before = (state.mode, state.indices, state.weights, state.repeat_samples, state.repeated)
-        state.mode, state.repeat_samples, state.repeated = mode, repeat_samples, {}
+        before = (state.mode, state.indices, state.weights, state.repeat_samples, state.repeated,
+                  state.tokens)
+        state.mode, state.repeat_samples, state.repeated, state.tokens = (
+            mode, repeat_samples, {}, None)
         state.indices, state.weights = (None, None) if routing is None else (
             routing.indices, routing.weights)
         try:
             yield
         finally:
-            (state.mode, state.indices, state.weights, state.repeat_samples,
-             state.repeated) = before
+            (state.mode, state.indices, state.weights, state.repeat_samples, state.repeated,
+             state.tokens) = before
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -598,7 +600,7 @@ class MASS(nn.Module):
                 # projections of its position embeddings) keeps its first input.
                 if _thread_id() != owner or name in captured:
                     return
-                captured[name] = inputs[0]
+                captured[name] = self._unflattened(inputs[0])
                 if early_exit and len(captured) == len(self.router_layers):
                     raise _EarlyExit
             return capture
@@ -610,6 +612,15 @@ class MASS(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _unflattened(self, x: torch.Tensor) -> torch.Tensor:
+        """x, or as (B, L, d) when it is the (B * L, d) tokens of the last (B, L, d) input
+        a routed layer saw in this pass, flattened sample-major (OPT's MLP)."""
+        tokens = self._state.tokens
+        if x.dim() == 2 and tokens is not None and tokens[1] > 1 \
+                and x.shape[0] == tokens[0] * tokens[1]:
+            return x.reshape(*tokens, x.shape[-1])
+        return x
 
     def _pooled(self, captured: dict, kwargs) -> list:
         missing = [name for name in self.router_layers if name not in captured]

@@ -101,7 +101,8 @@ class _RouteState(threading.local):
         self.indices = None         # (B, k) per sample, for "prerouted"
         self.weights = None
         self.repeat_samples = False  # "prerouted": a batch of m * B rows is each sample m times
-        self.repeated = {}           # rows -> (indices, weights) repeated: once per decode step
+        self.repeated = {}           # rows (or a flattened shape) -> repeated (indices, weights)
+        self.tokens = None           # (B, L) of the last (B, L, d) input of a routed layer
 
     def routing_for(self, rows: int):
         """(indices, weights) for a batch of `rows` rows: as given, or with repeat_samples
@@ -113,6 +114,16 @@ class _RouteState(threading.local):
             self.repeated[rows] = (self.indices.repeat_interleave(rows // B, 0),
                                    self.weights.repeat_interleave(rows // B, 0))
         return self.repeated[rows]
+
+    def flattened_routing(self, batch: int, length: int):
+        """(indices, weights) (batch * length, k) for the rows of a (batch, length) input
+        flattened sample-major: each sample's decision `length` times in a row."""
+        key = ("flattened", batch, length)
+        if key not in self.repeated:
+            indices, weights = self.routing_for(batch)
+            self.repeated[key] = (indices.repeat_interleave(length, 0),
+                                  weights.repeat_interleave(length, 0))
+        return self.repeated[key]
 
     def __reduce__(self):
         # Copies and pickles start with no routing instruction (thread-locals do not pickle).
@@ -194,6 +205,9 @@ class RoutedLinear(nn.Module):
                 "(mm(...), mm.run(routing, ...), mm.generate(...) or `with "
                 "mm.applying(routing): ...`), or set mm.mode = 'per_layer' to route every row "
                 "by itself")
+        if x.dim() == 3 and self.state is not None:
+            # Recognises a later layer's (B * L, d) input as these tokens flattened.
+            self.state.tokens = (x.shape[0], x.shape[1])
         if mode == "base":
             return F.linear(x, self.weight, self.bias)
         if mode == "self":
@@ -203,16 +217,25 @@ class RoutedLinear(nn.Module):
             self.last_routing = (indices, weights)
             return out
         # Per-sample decision (B, k), applied to every row of that sample.
+        tokens = self.state.tokens
+        if x.dim() == 2 and tokens is not None and tokens[1] > 1 \
+                and x.shape[0] == tokens[0] * tokens[1]:
+            # The last (B, L, d) input's tokens flattened sample-major (OPT's MLP, Qwen2-MoE's
+            # shared expert reshape(-1, d)): each row takes its sample's decision.
+            indices, weights = self.state.flattened_routing(*tokens)
+            return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
+                                     indices=indices, weights=weights)
         indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
         B, k = indices.shape
         if x.dim() < 2 or x.shape[0] != B:
             raise ValueError(
                 f"a routed layer's input must have the batch first (B, ..., in_features) "
                 f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
-                "applies one decision per sample: a layer that sees the tokens flattened, "
-                "sequence-first, a subset of them (a mixture-of-experts expert) or no batch "
-                "(position embeddings) cannot be routed per sample; leave it out with "
-                "target=, or use mode='per_layer')")
+                "applies one decision per sample: a layer that sees the tokens sequence-first, "
+                "a subset of them (a mixture-of-experts expert) or no batch (position "
+                "embeddings) cannot be routed per sample, unlike one that sees the (B, L) "
+                "tokens flattened sample-major; leave it out with target=, or use "
+                "mode='per_layer')")
         lead = x.shape[:-1]
         extra = (1,) * (len(lead) - 1)
         indices = indices.view(B, *extra, k).expand(*lead, k)

@@ -385,3 +385,30 @@ def test_generate_takes_the_models_main_input_whisper_features():
         with pytest.raises(ValueError, match=r"generate needs the prompts as a tensor: inputs "
                                              r"or input_features=\.\.\., got NoneType"):
             mm.generate(**settings)
+
+
+def test_opt_whose_mlp_sees_the_tokens_flattened_routes_and_generates_per_prompt():
+    """OPT's fc1/fc2 see the batch as (B * L, d): each row takes its prompt's decision, in
+    a forward pass and in generate (prefill and every decoding step)."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+        pad_token_id=1, bos_token_id=2, eos_token_id=None)
+    base = transformers.OPTForCausalLM(config).eval()
+    experts = list(_fine_tuned(base, lambda name, module: isinstance(module, torch.nn.Linear)
+                               and name != "lm_head").values())
+    mm = MASS.from_finetuned(base, dict(zip(("a", "b"), experts)), pooling="mean",
+                             router_layer="model.decoder.layers.0.fc2", progress=False)
+    prompts = _prompts(seed=14)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        logits = mm(input_ids=prompts).logits
+        tasks = mm.routing.indices[:, 0]
+        out = mm.generate(prompts, **settings)
+        assert torch.equal(mm.routing.indices[:, 0], tasks)
+        for i in range(len(prompts)):
+            expert = experts[tasks[i]]
+            torch.testing.assert_close(logits[i], expert(input_ids=prompts[i:i + 1]).logits[0],
+                                       atol=1e-5, rtol=1e-5)
+            assert torch.equal(out[i], expert.generate(prompts[i:i + 1], **settings)[0]), i

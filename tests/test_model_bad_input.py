@@ -83,30 +83,54 @@ def test_layers_whose_weights_torch_reads_directly_are_averaged_not_silently_ign
 
 
 class _FlattensTokens(nn.Module):
-    """Its second Linear sees the tokens of all samples as one (B * L, d) batch."""
+    """Its second Linear sees the tokens of all samples as one (B * L, d) batch,
+    sample-major (as OPT's MLP does), or with `keep` only the first `keep` of those rows
+    (a subset, as a mixture-of-experts expert gets)."""
 
-    def __init__(self):
+    def __init__(self, keep=None):
         super().__init__()
         self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 4)
+        self.keep = keep
 
     def forward(self, x):
         h = self.first(x)
-        return self.second(h.reshape(-1, h.shape[-1])).reshape(*x.shape[:-1], 4)
+        flat = h.reshape(-1, h.shape[-1])
+        if self.keep is not None:
+            return self.second(flat[:self.keep])
+        return self.second(flat).reshape(*x.shape[:-1], 4)
+
+
+def _flattening_mass(keep=None):
+    torch.manual_seed(0)
+    base = _FlattensTokens(keep)
+    return MASS.from_finetuned(base, {f"t{t}": _perturbed(base, t) for t in range(2)},
+                               router_layer="first", pooling="mean", progress=False)
+
+
+def test_a_layer_that_sees_the_tokens_flattened_routes_each_row_by_its_sample():
+    """(B * L, d) rows of the last (B, L, d) input seen, flattened sample-major, take
+    their sample's decision: a mixed batch computes what each sample's task alone does."""
+    mm = _flattening_mass()
+    x = torch.randn(3, 2, 6)
+    tasks = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        mixed = mm.run(Routing(tasks[:, None], torch.ones(3, 1), None), x)
+        for t in range(2):
+            alone = mm.run(Routing(torch.full((3, 1), t), torch.ones(3, 1), None), x)
+            torch.testing.assert_close(mixed[tasks == t], alone[tasks == t], atol=1e-6, rtol=1e-6)
+        assert mm(x).shape == (3, 2, 4)
 
 
 def test_a_layer_that_does_not_see_the_batch_first_is_a_clear_error_in_two_pass():
-    torch.manual_seed(0)
-    base = _FlattensTokens()
-    mm = MASS.from_finetuned(base, {f"t{t}": _perturbed(base, t) for t in range(2)},
-                             router_layer="first", pooling="mean", progress=False)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 3.*\(6, 6\)"):
+    mm = _flattening_mass(keep=5)            # 5 of the 6 tokens: not one row per sample
+    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 3.*\(5, 6\)"):
         mm(torch.randn(3, 2, 6))
     with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 2.*\(4, 6\)"):
         mm.run(Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), None),
                torch.randn(4, 6))
     mm.mode = "per_layer"  # every layer routes its own rows: no per-sample decision
     with torch.no_grad():
-        assert mm(torch.randn(3, 2, 6)).shape == (3, 2, 4)
+        assert mm(torch.randn(3, 2, 6)).shape == (5, 4)
 
 
 def test_empty_batch_and_unbatched_input(experts):
