@@ -6,7 +6,8 @@
 
 MODEL is a Hugging Face model folder (config.json + weights, loaded offline with
 transformers.AutoModel) or `package.module:function`, a factory returning the nn.Module.
-CHECKPOINT is a .safetensors state dict of the same architecture, or a model folder.
+CHECKPOINT is a .safetensors state dict of the same architecture, a sharded checkpoint's
+model.safetensors.index.json, or a model folder holding either.
 """
 from __future__ import annotations
 
@@ -85,19 +86,16 @@ def load_base(spec: str) -> torch.nn.Module:
 
 
 def load_checkpoint(spec: str, name: str) -> str:
-    """The .safetensors file of --task NAME=SPEC (SPEC a file or a model folder)."""
-    if os.path.isdir(spec):
-        path = os.path.join(spec, "model.safetensors")
-        if not os.path.isfile(path):
-            raise ValueError(f"--task {name}: the folder {spec} holds no model.safetensors")
-        return path
-    if not os.path.isfile(spec):
-        raise ValueError(f"--task {name}: checkpoint {spec} does not exist")
-    return spec
+    """The .safetensors file or shard index of --task NAME=SPEC (SPEC one of them, or a
+    model folder holding one)."""
+    from .model import checkpoint_path
+
+    return checkpoint_path(spec, f"--task {name}")
 
 
 def parse_tasks(items: list) -> dict:
-    """--task NAME=CHECKPOINT items -> {name: .safetensors file}, in the order given."""
+    """--task NAME=CHECKPOINT items -> {name: .safetensors file or shard index}, in the
+    order given."""
     tasks = {}
     for item in items:
         name, sep, spec = item.partition("=")
@@ -181,7 +179,7 @@ def _strip_prefix(state: Mapping, keys: set) -> Mapping:
 
 
 def build(args) -> None:
-    from .model import MASS, _SafetensorsCheckpoint
+    from .model import MASS, _SafetensorsCheckpoint, checkpoint_files
 
     # Every check that needs no model first: a mistake costs seconds, not a build.
     tasks = parse_tasks(args.task)
@@ -191,7 +189,8 @@ def build(args) -> None:
     twice = sorted({name for name in args.router_layer if args.router_layer.count(name) > 1})
     if twice:
         raise ValueError(f"--router-layer names each layer once; given more than once: {twice}")
-    inputs = list(tasks.values())
+    inputs = [file for name, path in tasks.items()
+              for file in checkpoint_files(path, f"--task {name}")]
     if os.path.isdir(args.base):
         inputs += [entry.path for entry in os.scandir(args.base) if entry.is_file()]
     check_output(args.output, inputs)

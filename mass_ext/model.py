@@ -47,38 +47,96 @@ def _state_dict(checkpoint: Checkpoint, name: str) -> Mapping[str, torch.Tensor]
     if isinstance(checkpoint, (str, os.PathLike)):
         return _SafetensorsCheckpoint(os.fspath(checkpoint), f"finetuned[{name!r}]")
     raise TypeError(f"finetuned[{name!r}] must be an nn.Module, a state dict or a path to a "
-                    f".safetensors file, got {type(checkpoint).__name__}")
+                    f".safetensors file, a sharded checkpoint's index or a model folder, got "
+                    f"{type(checkpoint).__name__}")
+
+
+SHARD_INDEX = "model.safetensors.index.json"   # transformers' sharded checkpoints
+
+
+def checkpoint_path(path: str, argument: str) -> str:
+    """The .safetensors file or shard index (model.safetensors.index.json) that `path`
+    names, or that the model folder `path` holds; `argument` names it in errors."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", SHARD_INDEX):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise ValueError(f"{argument}: the folder {path} holds no model.safetensors (nor a "
+                         f"sharded checkpoint's {SHARD_INDEX})")
+    if not os.path.isfile(path):
+        raise ValueError(f"{argument}: checkpoint {path} does not exist")
+    return path
+
+
+def _shard_map(index: str, argument: str) -> dict:
+    """{key: shard file} of a sharded checkpoint's index (its "weight_map")."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError("weight_map must map every key to a shard file name")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{argument}: {index} is not a sharded safetensors checkpoint's "
+                         f"index ({type(error).__name__}: {error})") from error
+    folder = os.path.dirname(index)
+    return {key: os.path.join(folder, shard) for key, shard in weight_map.items()}
+
+
+def checkpoint_files(path: str, argument: str) -> list:
+    """Every file a checkpoint reads: the .safetensors file, or the index and its shards."""
+    path = checkpoint_path(path, argument)
+    if not path.endswith(".json"):
+        return [path]
+    return [path, *sorted(set(_shard_map(path, argument).values()))]
 
 
 class _SafetensorsCheckpoint(Mapping):
-    """A .safetensors state dict read one tensor at a time, when asked: building from T
-    checkpoint files holds one layer of each in memory, not T whole models."""
+    """A .safetensors state dict (one file, or the shards of a transformers index, or a
+    model folder holding either) read one tensor at a time, when asked: building from T
+    checkpoints holds one layer of each in memory, not T whole models."""
 
     def __init__(self, path: str, argument: str):
         from safetensors import safe_open
 
-        self.path, self.argument = path, argument  # the argument it came from, for errors
-        try:
-            self._file = safe_open(path, framework="pt")
-            self._keys = list(self._file.keys())
-            self._key_set = set(self._keys)
-        except Exception as error:  # safetensors raises several types for a bad file
-            raise self._unreadable(error) from error
+        self.argument = argument  # the argument it came from, for errors
+        self.path = checkpoint_path(path, argument)
+        shards = (_shard_map(self.path, argument) if self.path.endswith(".json")
+                  else None)
+        self._files, self._file_of = {}, {}     # file -> open handle; key -> handle
+        for file in ([self.path] if shards is None else sorted(set(shards.values()))):
+            try:
+                self._files[file] = handle = safe_open(file, framework="pt")
+                keys = list(handle.keys())
+            except Exception as error:  # safetensors raises several types for a bad file
+                raise self._unreadable(file, error) from error
+            if shards is None:
+                self._file_of = dict.fromkeys(keys, handle)
+            else:
+                missing = sorted(k for k, f in shards.items() if f == file and k not in keys)
+                if missing:
+                    raise ValueError(f"{argument}: the shard {file} lacks {missing[:5]}, which "
+                                     f"its index {self.path} places there")
+        if shards is not None:
+            self._file_of = {key: self._files[file] for key, file in shards.items()}
+        self._keys = list(self._file_of)
 
-    def _unreadable(self, error: Exception) -> ValueError:
-        return ValueError(f"{self.argument}: {self.path} is not a readable "
+    def _unreadable(self, file: str, error: Exception) -> ValueError:
+        return ValueError(f"{self.argument}: {file} is not a readable "
                           f".safetensors state dict ({type(error).__name__}: {error})")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
+        handle = self._file_of.get(key)
+        if handle is None:
             raise KeyError(key)
         try:
-            return self._file.get_tensor(key)
+            return handle.get_tensor(key)
         except Exception as error:
-            raise self._unreadable(error) from error
+            file = next(f for f, h in self._files.items() if h is handle)
+            raise self._unreadable(file, error) from error
 
     def __contains__(self, key) -> bool:  # Mapping's would read the tensor
-        return key in self._key_set
+        return key in self._file_of
 
     def __iter__(self):
         return iter(self._keys)
@@ -320,7 +378,9 @@ class MASS(nn.Module):
                        target: Optional[Sequence[str]] = None, first_pass: str = "pretrained",
                        decorrelate: bool = False, progress: bool = True) -> "MASS":
         """Builds MASS from `base` (left untouched) and named fine-tuned checkpoints (an
-        nn.Module, a state dict, or a .safetensors path: read one tensor at a time).
+        nn.Module, a state dict, or a path: a .safetensors file, a sharded checkpoint's
+        model.safetensors.index.json or a model folder holding either, read one tensor at a
+        time).
 
         Every targeted Linear layer (nn.Linear or transformers' Conv1D; default: every one
         whose weight differs in some task) becomes a RoutedLinear with per-task truncated

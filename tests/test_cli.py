@@ -121,6 +121,30 @@ def test_output_onto_a_checkpoint_folders_weights_is_refused(tasks, tmp_path, ca
     assert weights.read_bytes() == a.read_bytes()
 
 
+def test_sharded_task_folders_build_and_their_shards_are_inputs(tasks, tmp_path, capsys):
+    """A task given as a sharded checkpoint (folder or index) builds the bundle its
+    single file builds; -o onto one of its shards is refused."""
+    from safetensors.torch import load_file
+
+    from .test_model import _save_sharded
+
+    (a, b), task_args = tasks
+    folder = _save_sharded(load_file(a), tmp_path / "t0_sharded")
+    index = folder / "model.safetensors.index.json"
+    single, sharded = tmp_path / "single.safetensors", tmp_path / "sharded.safetensors"
+    for spec, out in ((a, single), (folder, sharded), (index, sharded)):
+        code, _, err = run_cli(capsys, *build_args(["--task", f"t0={spec}", "--task", f"t1={b}"],
+                                                   out))
+        assert code == 0, err
+    assert load_file(single).keys() == load_file(sharded).keys()
+    assert all(torch.equal(load_file(single)[k], load_file(sharded)[k]) for k in load_file(single))
+    shard = folder / "model-00002-of-00002.safetensors"
+    before = shard.read_bytes()
+    assert_error(capsys, build_args(["--task", f"t0={folder}", "--task", f"t1={b}"], shard),
+                 "is an input of this build")
+    assert shard.read_bytes() == before
+
+
 def test_output_onto_the_base_folders_weights_is_refused(tasks, tmp_path, capsys, monkeypatch):
     _, task_args = tasks
     folder = tmp_path / "base_model"

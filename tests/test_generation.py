@@ -198,7 +198,7 @@ def test_bert_mlm_output_layer_stays_routed_after_tie_weights():
 
 def test_build_from_save_pretrained_files_with_tied_keys_left_out(gpt2_experts, tmp_path):
     """save_pretrained stores a tied tensor once (GPT-2's lm_head.weight is the token
-    embedding): the left-out key reads as its partner."""
+    embedding): the left-out key reads as its partner, in one file or in shards."""
     from safetensors import safe_open
 
     base, mm, experts = gpt2_experts
@@ -210,9 +210,16 @@ def test_build_from_save_pretrained_files_with_tied_keys_left_out(gpt2_experts, 
         assert "lm_head.weight" not in f.keys()
     from_files = MASS.from_finetuned(base, paths, router_layer="transformer.h.1.mlp.c_proj",
                                      pooling="mean", progress=False)
+    # Sharded as transformers shards large models: the folder holds the index.
+    experts[0].save_pretrained(tmp_path / "sharded", max_shard_size="10KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    from_shards = MASS.from_finetuned(base, {**paths, "task0": tmp_path / "sharded"},
+                                      router_layer="transformer.h.1.mlp.c_proj",
+                                      pooling="mean", progress=False)
     prompts = _prompts(seed=9)
     with torch.no_grad():
         assert torch.equal(from_files(input_ids=prompts).logits, mm(input_ids=prompts).logits)
+        assert torch.equal(from_shards(input_ids=prompts).logits, mm(input_ids=prompts).logits)
 
 
 def test_generate_infers_the_mask_as_transformers_does(llama_experts):

@@ -743,3 +743,78 @@ def test_a_router_layer_called_twice_per_forward_routes_on_its_first_call():
         assert torch.equal(two_pass.route(x).indices, first_call.indices)
         per_layer(x)
         assert torch.equal(per_layer.routing.indices, first_call.indices)
+
+
+def _save_sharded(state, folder, shards=2):
+    """A transformers-style sharded checkpoint in `folder`: the tensors split over
+    `shards` files and model.safetensors.index.json mapping each key to its file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    keys = list(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        save_file(part, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_sharded_checkpoints_build_like_one_file_each_tensor_read_once(experts, tmp_path,
+                                                                       monkeypatch):
+    """A sharded checkpoint (its folder, or its model.safetensors.index.json) builds the
+    model that in-memory experts build, reading each tensor once; a missing or
+    incomplete shard and a broken index are errors naming the task and the file."""
+    from collections import Counter
+
+    import mass_ext.model
+
+    base, finetuned, subspaces = experts
+    folders = {name: _save_sharded(expert.state_dict(), tmp_path / name)
+               for name, expert in finetuned.items()}
+    checkpoints = dict(folders)
+    checkpoints["task1"] = folders["task1"] / "model.safetensors.index.json"
+    reads = Counter()
+    original = mass_ext.model._SafetensorsCheckpoint.__getitem__
+
+    def counting(self, key):
+        reads[self.path, key] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(mass_ext.model._SafetensorsCheckpoint, "__getitem__", counting)
+    sharded = MASS.from_finetuned(base, checkpoints, router_layer="0", progress=False)
+    assert set(reads.values()) == {1} and len(reads) == len(finetuned) * len(base.state_dict())
+    in_memory = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x, _ = task_inputs(subspaces, 3)
+    with torch.no_grad():
+        assert torch.equal(sharded(x), in_memory(x))
+
+    index = folders["task2"] / "model.safetensors.index.json"
+    shard = folders["task2"] / "model-00002-of-00002.safetensors"
+    with pytest.raises(ValueError, match=r"finetuned\['task2'\]: the shard .*model-00001-of-"
+                                         r"00002.safetensors lacks \['2.bias'\]"):
+        text = index.read_text()
+        index.write_text(text.replace('"2.bias": "model-00002', '"2.bias": "model-00001'))
+        MASS.from_finetuned(base, {**finetuned, "task2": index}, router_layer="0",
+                            progress=False)
+    index.write_text(text)
+    shard.rename(shard.with_suffix(".gone"))
+    with pytest.raises(ValueError, match=r"finetuned\['task2'\]: .*model-00002-of-00002."
+                                         r"safetensors is not a readable"):
+        MASS.from_finetuned(base, {**finetuned, "task2": folders["task2"]}, router_layer="0",
+                            progress=False)
+    index.write_text("{}")
+    with pytest.raises(ValueError, match=r"finetuned\['task2'\]: .*index.json is not a sharded "
+                                         r"safetensors checkpoint's index"):
+        MASS.from_finetuned(base, {**finetuned, "task2": index}, router_layer="0",
+                            progress=False)
+    with pytest.raises(ValueError, match=r"finetuned\['task2'\]: the folder .* holds no "
+                                         r"model.safetensors \(nor a sharded"):
+        MASS.from_finetuned(base, {**finetuned, "task2": tmp_path}, router_layer="0",
+                            progress=False)
