@@ -535,6 +535,23 @@ def make_base():
     return make_experts()[0]
 
 
+def _count_checkpoint_reads(monkeypatch):
+    """A Counter of (checkpoint path, key) -> tensor reads from checkpoint files, from now on."""
+    from collections import Counter
+
+    import mass_ext.model
+
+    reads = Counter()
+    original = mass_ext.model._SafetensorsCheckpoint.__getitem__
+
+    def counting(self, key):
+        reads[self.path, key] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(mass_ext.model._SafetensorsCheckpoint, "__getitem__", counting)
+    return reads
+
+
 def test_checkpoint_files_are_read_once_one_tensor_at_a_time(tmp_path, monkeypatch):
     """From .safetensors paths (and through the CLI, with its prefix stripping), every
     tensor of every checkpoint is read exactly once, when needed: the T experts are never
@@ -544,7 +561,6 @@ def test_checkpoint_files_are_read_once_one_tensor_at_a_time(tmp_path, monkeypat
     from safetensors.torch import save_file
 
     import mass_ext.cli
-    import mass_ext.model
 
     base, finetuned, _ = make_experts()
     paths, prefixed = {}, {}
@@ -555,14 +571,7 @@ def test_checkpoint_files_are_read_once_one_tensor_at_a_time(tmp_path, monkeypat
         prefixed[name] = tmp_path / f"{name}-prefixed.safetensors"   # a task model's file
         save_file({**{f"encoder.{k}": v for k, v in state.items()},
                    "head.weight": torch.zeros(2, D_OUT)}, prefixed[name])
-    reads = Counter()
-    original = mass_ext.model._SafetensorsCheckpoint.__getitem__
-
-    def counting(self, key):
-        reads[self.path, key] += 1
-        return original(self, key)
-
-    monkeypatch.setattr(mass_ext.model._SafetensorsCheckpoint, "__getitem__", counting)
+    reads = _count_checkpoint_reads(monkeypatch)
     direct = MASS.from_finetuned(base, paths, router_layer="0", progress=False)
     keys = list(base.state_dict())
     assert reads == Counter({(str(p), k): 1 for p in paths.values() for k in keys})
@@ -771,23 +780,12 @@ def test_sharded_checkpoints_build_like_one_file_each_tensor_read_once(experts, 
     """A sharded checkpoint (its folder, or its model.safetensors.index.json) builds the
     model that in-memory experts build, reading each tensor once; a missing or
     incomplete shard and a broken index are errors naming the task and the file."""
-    from collections import Counter
-
-    import mass_ext.model
-
     base, finetuned, subspaces = experts
     folders = {name: _save_sharded(expert.state_dict(), tmp_path / name)
                for name, expert in finetuned.items()}
     checkpoints = dict(folders)
     checkpoints["task1"] = folders["task1"] / "model.safetensors.index.json"
-    reads = Counter()
-    original = mass_ext.model._SafetensorsCheckpoint.__getitem__
-
-    def counting(self, key):
-        reads[self.path, key] += 1
-        return original(self, key)
-
-    monkeypatch.setattr(mass_ext.model._SafetensorsCheckpoint, "__getitem__", counting)
+    reads = _count_checkpoint_reads(monkeypatch)
     sharded = MASS.from_finetuned(base, checkpoints, router_layer="0", progress=False)
     assert set(reads.values()) == {1} and len(reads) == len(finetuned) * len(base.state_dict())
     in_memory = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
