@@ -31,9 +31,17 @@ MODES = ("two_pass", "per_layer")
 # Keyword arguments through which transformers models take a KV cache.
 _CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_params", "past_key_value")
 
-# The calling thread's id, run eagerly under torch.compile (dynamo cannot trace it): the
-# router-input hooks count only the calls of the thread that registered them.
-_thread_id = torch.compiler.disable(threading.get_ident)
+_eager_get_ident = None
+
+
+def _thread_id() -> int:
+    """The calling thread's id (the router-input hooks count only the calls of the thread
+    that registered them), read eagerly under torch.compile, which cannot trace it. The
+    wrapper is made at the first call: torch.compiler.disable imports dynamo (~1 s)."""
+    global _eager_get_ident
+    if _eager_get_ident is None:
+        _eager_get_ident = torch.compiler.disable(threading.get_ident)
+    return _eager_get_ident()
 
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 RouterLayers = Union[str, Sequence[str]]
@@ -113,7 +121,8 @@ class _SafetensorsCheckpoint(Mapping):
             if shards is None:
                 self._file_of = dict.fromkeys(keys, handle)
             else:
-                missing = sorted(k for k, f in shards.items() if f == file and k not in keys)
+                present = set(keys)
+                missing = sorted(k for k, f in shards.items() if f == file and k not in present)
                 if missing:
                     raise ValueError(f"{argument}: the shard {file} lacks {missing[:5]}, which "
                                      f"its index {self.path} places there")
@@ -272,7 +281,9 @@ class MASS(nn.Module):
     pooling: "cls" (the first token), "mean" (over valid tokens when an attention_mask is
     passed), "tokens" (every token routed, a sample's residual fractions averaged over its
     valid tokens: see `route_features`), or a callable (router input, forward kwargs) ->
-    (B, d), or (B, L, d) to route every token (all L count).
+    (B, d), or (B, L, d) to route every token (all L count). In an encoder-decoder model,
+    attention_mask describes the encoder's tokens: the built-in poolings need router
+    layers in the encoder.
     """
 
     def __init__(self, model: nn.Module, task_names: Sequence[str], *,
@@ -306,6 +317,14 @@ class MASS(nn.Module):
                     f"router_layer must name routed Linear layers; {name!r} is not one. "
                     f"Routed layers: {sorted(self.routed)}")
         self.router_layer, self.pooling = router_layer, pooling
+        outside = [name for name in self.router_layers if self._outside_encoder(name)]
+        if outside and not callable(pooling):
+            raise ValueError(
+                f"router_layer {outside} is outside the encoder of this encoder-decoder "
+                f"model: pooling={pooling!r} pools with attention_mask, which describes the "
+                "encoder's tokens, so the router layers must be in the encoder "
+                "(model.get_encoder()); a pooling callable (router input, forward kwargs) "
+                "may route on any layer")
         if isinstance(first_pass_scale, bool) or not isinstance(first_pass_scale, (int, float)) \
                 or not math.isfinite(first_pass_scale) or first_pass_scale <= 0:
             raise ValueError(f"first_pass_scale must be a finite number > 0, got "
@@ -504,6 +523,7 @@ class MASS(nn.Module):
         row per sample, e.g. from `route`, or known task ids with weight 1) to all rows of
         its sample, in one batched pass whatever mix of tasks the batch holds."""
         with self.applying(routing):
+            self._state.tokens = _token_shape(self._call_arguments(args, kwargs))
             return self.model(*args, **kwargs)
 
     def applying(self, routing: Routing, repeat_samples: bool = False):
@@ -552,6 +572,9 @@ class MASS(nn.Module):
         main = getattr(self.model, "main_input_name", "input_ids")
         if inputs is None:
             inputs = kwargs.pop(main, None)
+        elif main in kwargs:
+            raise ValueError(f"generate takes the prompts once: as inputs or as {main}=..., "
+                             "got both")
         if not isinstance(inputs, torch.Tensor):
             raise ValueError(f"generate needs the prompts as a tensor: inputs or {main}=..., "
                              f"got {type(inputs).__name__}")
@@ -564,14 +587,14 @@ class MASS(nn.Module):
             self.routing = None
             with self._pass("self"):
                 return self.model.generate(**prompts, **kwargs)
-        in_decoder = [name for name in self.router_layers if self._in_decoder(name)]
-        if in_decoder:
+        outside = [name for name in self.router_layers if self._outside_encoder(name)]
+        if outside:
             raise ValueError(
                 f"generate routes each prompt before decoding, but the router layer(s) "
-                f"{in_decoder} are in the decoder, which has seen no prompt token then: "
-                "choose router layers in the encoder, or route yourself (mm.route(..., "
-                "decoder_input_ids=...)) and generate under `with mm.applying(routing, "
-                "repeat_samples=True)`")
+                f"{outside} are outside the encoder, on the decoder's side, which has seen "
+                "no prompt token then: choose router layers in the encoder, or route "
+                "yourself (mm.route(..., decoder_input_ids=...)) and generate under `with "
+                "mm.applying(routing, repeat_samples=True)`")
         first = dict(prompts)
         if attention_mask is not None and not bool(attention_mask.all()):
             if self.pooling == "cls" and not bool(attention_mask[:, 0].all()):
@@ -609,7 +632,7 @@ class MASS(nn.Module):
                weighting: Optional[str] = None) -> Routing:
         """The routing of `router_inputs` (from `router_inputs`) with this model's options,
         or the top_k / threshold / weighting given; kwargs: the forward call's arguments
-        by name (its padding mask matters for pooling="tokens": see `_padding_mask`)."""
+        by name (its attention_mask matters for pooling="tokens")."""
         mask = None
         if self.pooling == "tokens" and router_inputs and router_inputs[0].dim() == 3:
             mask = self._padding_mask(self.router_layers[0], router_inputs[0], kwargs)
@@ -640,6 +663,7 @@ class MASS(nn.Module):
                 "own decoding loop")
         with self._pass(*self._first_pass(args, kwargs)), \
                 self._capture_router_inputs(early_exit=True) as captured:
+            self._state.tokens = _token_shape(named)
             try:
                 self.model(*args, **kwargs)
             except _EarlyExit:
@@ -677,8 +701,7 @@ class MASS(nn.Module):
         """x, or as (B, L, d) when it is the (B * L, d) tokens of the last (B, L, d) input
         a routed layer saw in this pass, flattened sample-major (OPT's MLP)."""
         tokens = self._state.tokens
-        if x.dim() == 2 and tokens is not None and tokens[1] > 1 \
-                and x.shape[0] == tokens[0] * tokens[1]:
+        if x.dim() == 2 and tokens is not None and x.shape[0] == tokens[0] * tokens[1]:
             return x.reshape(*tokens, x.shape[-1])
         return x
 
@@ -731,25 +754,33 @@ class MASS(nn.Module):
             return x[:, 0]
         return _mean_over_tokens(x, self._padding_mask(name, x, kwargs))
 
-    def _in_decoder(self, name: str) -> bool:
-        """Whether layer `name` lies in the decoder of an encoder-decoder transformers
-        model (config.is_encoder_decoder; T5, BART, Whisper...)."""
+    def _outside_encoder(self, name: str) -> bool:
+        """Whether layer `name` of an encoder-decoder transformers model
+        (config.is_encoder_decoder: T5, BART, Whisper...) lies outside its encoder
+        (get_encoder(), else a module path through "encoder"); False for other models."""
         config = getattr(self.model, "config", None)
-        return bool(getattr(config, "is_encoder_decoder", False)) and "decoder" in name.split(".")
+        if not getattr(config, "is_encoder_decoder", False):
+            return False
+        get_encoder = getattr(self.model, "get_encoder", None)
+        encoder = get_encoder() if callable(get_encoder) else None
+        if isinstance(encoder, nn.Module):
+            layer = self.routed[name]
+            return not any(m is layer for m in encoder.modules())
+        return "encoder" not in name.split(".")
 
     def _padding_mask(self, name: str, x: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
-        """The padding mask (B, L) of router layer `name`'s tokens x (B, L, ...), from the
-        forward's arguments: decoder_attention_mask for a layer in the decoder of an
-        encoder-decoder model, else attention_mask; None (every token valid) if not given."""
-        argument = "decoder_attention_mask" if self._in_decoder(name) else "attention_mask"
-        mask = (kwargs or {}).get(argument)
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+        """The padding mask (B, L) of router layer `name`'s tokens x (B, L, ...): the
+        forward's attention_mask (None: every token valid), or its last L columns when it
+        is longer (it also covers a KV cache's past tokens)."""
+        mask = (kwargs or {}).get("attention_mask")
+        if mask is None:
+            return None
+        B, L = x.shape[:2]
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < L:
             raise ValueError(
-                f"{argument} must have the shape (B, L) = {tuple(x.shape[:2])} of the tokens "
-                f"the router layer {name!r} sees, got {tuple(mask.shape)} (a layer that "
-                "reads another sequence, such as cross-attention keys and values, cannot "
-                "be pooled with it: choose another router layer or a pooling callable)")
-        return mask
+                f"attention_mask must be (B, >= L) = ({B}, >= {L}) to pool the tokens the "
+                f"router layer {name!r} sees, got shape {tuple(mask.shape)}")
+        return mask[:, mask.shape[1] - L:]
 
     # ------------------------------------------------------------------ storage
     def metadata(self) -> dict:
@@ -973,6 +1004,16 @@ def stack_router_bases(bases: Sequence[torch.Tensor]) -> torch.Tensor:
         stacked[:, row:row + V.shape[1], col:col + V.shape[2]] = V
         row, col = row + V.shape[1], col + V.shape[2]
     return stacked
+
+
+def _token_shape(named: dict) -> Optional[tuple]:
+    """(B, L) of a call's tokens, from its input_ids, inputs_embeds or attention_mask: how
+    a routed layer that sees (B * L, d) rows before any (B, L, d) one reads them."""
+    for key, dims in (("input_ids", 2), ("inputs_embeds", 3), ("attention_mask", 2)):
+        value = named.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
+            return value.shape[0], value.shape[1]
+    return None
 
 
 def _unit_rows(f: torch.Tensor) -> torch.Tensor:

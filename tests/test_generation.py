@@ -87,6 +87,23 @@ def test_own_decoding_loop_with_a_kv_cache_through_run(llama_experts):
     torch.testing.assert_close(step.logits[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_per_layer_mode_pools_the_current_tokens_of_a_mask_that_covers_the_cache(llama_experts):
+    """With a KV cache the attention_mask covers past and new tokens: per-layer mode's
+    routing (the router layer's pooled input) pools the new tokens, its last columns."""
+    mm, _ = llama_experts
+    per_layer = MASS(mm.model, mm.task_names, router_layer=mm.router_layer, pooling="mean",
+                     mode="per_layer")
+    prompts = _prompts(seed=15)
+    mask = torch.ones_like(prompts)
+    with torch.no_grad():
+        cache = per_layer(input_ids=prompts, attention_mask=mask, use_cache=True).past_key_values
+        step = prompts[:, :1]
+        per_layer(input_ids=step, attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=cache)
+        assert per_layer.routing.indices.shape == (4, 1)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(B, >= L\) = \(4, >= 5\)"):
+            per_layer(input_ids=prompts, attention_mask=mask[:, :3])
+
+
 def test_two_pass_refuses_a_kv_cache_and_direct_calls(llama_experts):
     mm, _ = llama_experts
     prompts = _prompts(seed=4)
@@ -317,33 +334,37 @@ def _right_padded(seed, batch=4, length=6):
     return prompts.masked_fill(mask == 0, 1), mask
 
 
-def test_a_decoder_router_pools_over_the_decoder_mask():
-    """A router layer in the decoder of an encoder-decoder model pools its tokens with
-    decoder_attention_mask, not the encoder's attention_mask (of another length, or of
-    the same length and silently wrong); a mask of the wrong shape is a clear error, and
-    generate, which routes before decoding, refuses a decoder router."""
+def test_encoder_decoder_routers_are_in_the_encoder_unless_a_callable_pools():
+    """attention_mask describes the encoder's tokens: with the built-in poolings, a router
+    layer on the decoder's side (its layers, cross-attention keys and values reading the
+    encoder's states) is refused when the wrapper is made; a pooling callable may route
+    on it, with the forward's decoder_attention_mask, but not in generate, which routes
+    before the decoder has seen any token."""
+    mm, _ = _bart("model.encoder.layers.0.fc1", "mean")
+    for router in ("model.decoder.layers.0.fc1", "model.decoder.layers.0.encoder_attn.k_proj"):
+        with pytest.raises(ValueError, match=rf"router_layer \['{router}'\] is outside the "
+                                             "encoder of this encoder-decoder model"):
+            MASS(mm.model, mm.task_names, router_layer=router, pooling="mean")
     router = "model.decoder.layers.0.fc1"
-    mm, _ = _bart(router, "mean")
+    seen = []
+
+    def decoder_mean(x, kwargs):
+        seen.append(x.shape)
+        mask = kwargs["decoder_attention_mask"][..., None].to(x.dtype)
+        return (x * mask).sum(1) / mask.sum(1)
+
+    custom = MASS(mm.model, mm.task_names, router_layer=router, pooling=decoder_mean)
+    prompts, mask = _right_padded(seed=12, length=8)
     decoder = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(4))
     decoder_mask = torch.ones_like(decoder)
     decoder_mask[:, 4:] = 0
-    explicit = MASS(mm.model, mm.task_names, router_layer=router, pooling=lambda x, kw: (
-        (x * kw["decoder_attention_mask"][..., None]).sum(1)
-        / kw["decoder_attention_mask"].sum(1, keepdim=True)))
     with torch.no_grad():
-        for length in (6, 8):    # the encoder's length: the decoder's, or another
-            prompts, mask = _right_padded(seed=12, length=length)
-            inputs = dict(input_ids=prompts, attention_mask=mask, decoder_input_ids=decoder,
-                          decoder_attention_mask=decoder_mask)
-            torch.testing.assert_close(mm.route(**inputs).residuals,
-                                       explicit.route(**inputs).residuals)
-        with pytest.raises(ValueError, match=r"decoder_attention_mask must have the shape "
-                                             r"\(B, L\) = \(4, 6\) of the tokens the router "
-                                             r"layer 'model.decoder.layers.0.fc1' sees"):
-            mm.route(**dict(inputs, decoder_attention_mask=mask))
+        routing = custom.route(input_ids=prompts, attention_mask=mask, decoder_input_ids=decoder,
+                               decoder_attention_mask=decoder_mask)
+        assert routing.indices.shape == (4, 1) and seen == [(4, 6, 16)]
         with pytest.raises(ValueError, match=r"router layer\(s\) \['model.decoder.layers.0.fc1'\] "
-                                             "are in the decoder"):
-            mm.generate(prompts, attention_mask=mask, max_new_tokens=2)
+                                             "are outside the encoder"):
+            custom.generate(prompts, attention_mask=mask, max_new_tokens=2)
 
 
 def test_generate_with_cls_pooling_takes_right_padded_encoder_prompts():

@@ -196,14 +196,21 @@ def test_token_pooling_bad_inputs_are_clear_errors(experts):
     mm = MASS.from_finetuned(_TakesAMask(base), {k: _TakesAMask(m) for k, m in finetuned.items()},
                              router_layer="mlp.0", pooling="tokens", progress=False)
     x, _ = task_inputs(subspaces, 2)
-    with pytest.raises(ValueError, match=r"attention_mask must have the shape \(B, L\) = "
-                                         r"\(6, 3\) of the tokens the router layer 'mlp.0' "
-                                         r"sees, got \(6, 4\)"):
-        mm.route(x[:, None].expand(-1, 3, -1), attention_mask=torch.ones(6, 4))
+    tokens = torch.stack([x, x.roll(1, 0), x.roll(2, 0)], 1)      # tokens of other tasks
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, >= L\) = \(6, >= 3\) "
+                                         r"to pool the tokens the router layer 'mlp.0' sees, "
+                                         r"got shape \(6, 2\)"):
+        mm.route(tokens, attention_mask=torch.ones(6, 2))
     mean = MASS(mm.model, mm.task_names, router_layer="mlp.0", pooling="mean")
-    with pytest.raises(ValueError, match=r"attention_mask must have the shape \(B, L\) = "
-                                         r"\(6, 3\)"):   # was a broadcast error, or silent
-        mean.route(x[:, None].expand(-1, 3, -1), attention_mask=torch.ones(6, 1))
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, >= L\) = \(6, >= 3\)"):
+        mean.route(tokens, attention_mask=torch.ones(6, 1))   # was silently broadcast
+    # A longer mask also covers a KV cache's past tokens: its last L columns pool.
+    longer = torch.tensor([[1, 0, 1, 1]]).expand(6, 4)
+    for wrapper in (mm, mean):
+        torch.testing.assert_close(wrapper.route(tokens, attention_mask=longer).residuals,
+                                   wrapper.route(tokens, attention_mask=longer[:, 1:]).residuals)
+        assert not torch.allclose(wrapper.route(tokens, attention_mask=longer[:, 1:]).residuals,
+                                  wrapper.route(tokens, attention_mask=longer[:, :3]).residuals)
     with pytest.raises(ValueError, match=r"pooling='tokens' needs router-layer inputs"):
         mm.route(x[:, None, None])
     with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
