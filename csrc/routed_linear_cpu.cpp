@@ -2,7 +2,8 @@
 // ATen/BLAS; the per-row residuals, standardised softmax, top-k, threshold, weights,
 // the per-task shrink and the expand over the selected tasks are the hand-written
 // loops below, parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
-// Extra memory is O(N * T * r) (the projections), never O(N * T * d).
+// Extra memory is O(N * T * r) (the projections), never O(N * T * d); the pre-routed form
+// may also hold one merged d_out x d_in weight at a time (see merged_groups).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,10 +12,14 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -99,6 +104,63 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
     groups.slots[fill[indices[s]]++] = s;
   }
   return groups;
+}
+
+// Rows of the pre-routed form whose kept slots hold the same (task, weight) pairs: with
+// enough of them, one merged weight W_g = W + sum_j w_j U_tj diag(S_tj) V_tj (d_out * d_in
+// * r multiply-adds per slot) and one GEMM over the group's rows cost less than the base
+// GEMM plus the shrink and expand (rows * r * (d_in + d_out) per slot): from about twice
+// d_in * d_out / (d_in + d_out) rows on (benchmarks/bench_cpu.py, 2-core AVX2); kMergeFactor
+// keeps a margin.
+// Large batches (prefill, two-pass MASS with top-1) group this way; decode never does.
+constexpr double kMergeFactor = 2.5;
+constexpr int64_t kMergeMinRows = 64;
+
+struct MergedGroup {
+  std::vector<std::pair<int64_t, double>> slots;  // (task, weight), sorted
+  std::vector<int64_t> rows;
+};
+
+// MASS_EXT_CPU_MERGE=0 turns merging off: every row takes the low-rank path (the tests of
+// that path at any size, comparisons).
+bool merging_enabled() {
+  const char* setting = std::getenv("MASS_EXT_CPU_MERGE");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
+std::vector<MergedGroup> merged_groups(
+    const int64_t* indices, const double* weights, const LayerDims& d, int64_t k) {
+  if (!merging_enabled()) return {};
+  const double break_even = static_cast<double>(d.d_in) * static_cast<double>(d.d_out) /
+                            static_cast<double>(d.d_in + d.d_out);
+  const int64_t min_rows =
+      std::max<int64_t>(kMergeMinRows, static_cast<int64_t>(std::ceil(kMergeFactor * break_even)));
+  if (d.N < min_rows) return {};
+  std::map<std::vector<std::pair<int64_t, double>>, std::vector<int64_t>> rows_by_slots;
+  std::vector<std::pair<int64_t, double>> slots;
+  for (int64_t n = 0; n < d.N; ++n) {
+    slots.clear();
+    bool finite = true;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t t = indices[n * k + j];
+      if (t < 0) continue;
+      finite = finite && std::isfinite(weights[n * k + j]);
+      slots.emplace_back(t, weights[n * k + j]);
+    }
+    // Non-finite weights keep the low-rank path's per-row behaviour (README).
+    if (slots.empty() || !finite) continue;
+    std::sort(slots.begin(), slots.end());
+    rows_by_slots[slots].push_back(n);
+  }
+  std::vector<MergedGroup> groups;
+  for (auto& entry : rows_by_slots)
+    if (static_cast<int64_t>(entry.second.size()) >= min_rows)
+      groups.push_back({entry.first, std::move(entry.second)});
+  return groups;
+}
+
+at::Tensor row_index(const std::vector<int64_t>& rows) {
+  return at::tensor(at::IntArrayRef(rows), at::kLong);
 }
 
 // out = x W^T + b in the accumulation dtype (rows already converted to it).
@@ -277,6 +339,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k))};
 }
 
+// out (N, d_out) in the accumulation dtype: x W^T + b for every row, except that the rows
+// of each merged group get x W_group^T + b instead; their slots in low_rank_idx (a copy
+// then) become -1, leaving only the other rows' low-rank updates to the shrink and expand.
+at::Tensor dense_part(
+    const at::Tensor& rows_acc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+    const std::vector<MergedGroup>& merged, int64_t top_k, at::Tensor& low_rank_idx) {
+  if (merged.empty()) return dense_base(rows_acc, weight, bias);
+  const at::ScalarType acc_type = rows_acc.scalar_type();
+  const int64_t N = rows_acc.size(0);
+  at::Tensor out = at::empty({N, weight.size(0)}, rows_acc.options());
+  const at::Tensor W_acc = weight.to(acc_type);
+  low_rank_idx = low_rank_idx.clone();
+  int64_t* open_slots = low_rank_idx.mutable_data_ptr<int64_t>();
+  std::vector<char> is_merged(N, 0);
+  for (const MergedGroup& group : merged) {
+    at::Tensor W_group = W_acc.clone();
+    for (const auto& slot : group.slots) {
+      const at::Tensor scaled_U =
+          U.select(0, slot.first).to(acc_type) * (S.select(0, slot.first).to(acc_type) * slot.second);
+      W_group.addmm_(scaled_U, V.select(0, slot.first).to(acc_type));
+    }
+    const at::Tensor members = row_index(group.rows);
+    out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), W_group, bias));
+    for (const int64_t n : group.rows) {
+      is_merged[n] = 1;
+      std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
+    }
+  }
+  std::vector<int64_t> rest;
+  for (int64_t n = 0; n < N; ++n)
+    if (!is_merged[n]) rest.push_back(n);
+  if (!rest.empty()) {
+    const at::Tensor members = row_index(rest);
+    out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), weight, bias));
+  }
+  return out;
+}
+
 at::Tensor routed_linear_prerouted_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, const at::Tensor& indices,
@@ -294,9 +395,14 @@ at::Tensor routed_linear_prerouted_cpu(
         d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
   }
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
-  at::Tensor out = dense_base(rows.to(acc_type), weight, bias);
+  const std::vector<MergedGroup> merged =
+      merged_groups(idx_data, w.to(at::kDouble).const_data_ptr<double>(), d, top_k);
+  at::Tensor low_rank_idx = idx;  // the slots the shrink and expand below still serve
+  at::Tensor out = dense_part(rows.to(acc_type), weight, bias, U, S, V, merged, top_k,
+                              low_rank_idx);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
-  const TaskGroups groups = group_slots_by_task(idx_data, d.N * top_k, d.T, top_k);
+  const TaskGroups groups = group_slots_by_task(low_rank_idx.const_data_ptr<int64_t>(),
+                                                d.N * top_k, d.T, top_k);
 
   // Shrink work items: (task, run of <= 48 slots, <= 16 rank rows), so that even one
   // row (decode) spreads over the cores.

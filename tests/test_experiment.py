@@ -140,3 +140,14 @@ def test_model_benchmark_reference_matches_mass_on_every_case():
     cases = [(row["top_k"], row["weighting"], row["groups"]) for row in result["rows"]]
     assert cases == [(1, "uniform", 3), (2, "uniform", 3), (2, "softmax", 6)]
     assert "| 2 | softmax | 6 |" in bench_model.markdown(result)
+
+
+def test_merged_groups_benchmark_checks_both_paths_against_the_reference():
+    """benchmarks/bench_merged_groups.py in miniature: below and above the merging
+    threshold, grouped and per-row weights both match the reference (checked in run)."""
+    from benchmarks import bench_merged_groups
+
+    result = bench_merged_groups.run(rounds=1, min_run_time=0.0, shapes=[(24, 40, 3, 4)],
+                                     multiples=(1.0, 8.0))
+    assert [row["rows_per_task"] for row in result["rows"]] == [15, 120]
+    assert "| 24 x 40 | 3 | 4 | 120 (8.0x) |" in bench_merged_groups.markdown(result)

@@ -117,6 +117,56 @@ def test_prerouted_matches_reference(case, dtype, pattern):
     assert_output_matches(ref, x, layer, indices, weights, what="reference")
 
 
+def _grouped_routing(n_rows, T, g):
+    """(indices, weights) (n_rows, 2) whose rows form a few large groups sharing one task
+    set and weights (one task; two tasks; the same task twice; weight 0; a negative one),
+    small groups, rows with nothing selected and rows with weights of their own, shuffled:
+    the kernel merges the large groups' weights (groups of >= 64 rows here)."""
+    sets = [((0, -1), (1.0, 0.0)), ((2, 1), (0.75, -0.5)), ((1, 1), (0.5, 0.25)),
+            ((T - 1, -1), (0.0, 0.0)), ((0, T - 1), (1.0, 1.0))]
+    indices, weights = [], []
+    for (tasks, w), count in zip(sets, (150, 90, 70, 64, 63)):  # 63: one row short
+        indices += [tasks] * count
+        weights += [w] * count
+    rest = n_rows - len(indices)
+    indices += [(-1, -1)] * 5 + [(3, -1)] * (rest - 5)
+    weights += [(1.0, 1.0)] * 5 + [(float(i) / rest + 0.1, 0.0) for i in range(rest - 5)]
+    order = torch.randperm(n_rows, generator=g)
+    return torch.tensor(indices)[order], torch.tensor(weights)[order]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "column_slice"])
+@pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
+def test_prerouted_large_groups_match_reference(dtype, layout):
+    """Groups of rows with one task set and weights, large enough for the kernel to merge
+    their weight once (W + sum w U S V, then one GEMM), next to rows it serves with the
+    low-rank path: every row as the reference computes it, for any layout of x and U."""
+    T, d_in, d_out = 5, 24, 40            # merging pays from 2.5 * 15 rows: 64 is the floor
+    layer = make_layer(T, 6, d_in, d_out, dtype=dtype, seed=40)
+    x = strided_like(make_x((500, d_in), dtype, seed=41), layout)
+    indices, weights = _grouped_routing(500, T, generator(42))
+    for params in (layer.params, _strided_params(layer)):
+        out = mass_ext.routed_linear(x, *params, indices=indices, weights=weights)
+        assert_output_matches(out, x, layer, indices, weights)
+        torch.testing.assert_close(                # each row as computed alone, unmerged
+            out[:3], mass_ext.routed_linear(x[:3], *params, indices=indices[:3],
+                                            weights=weights[:3]))
+    # The same rows, all through the low-rank path: the same values (to rounding).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MASS_EXT_CPU_MERGE", "0")
+        unmerged = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(unmerged, x, layer, indices, weights)
+    assert not torch.equal(unmerged, out)                   # the other path did run
+    # A non-finite row in a merged group stays its own; a NaN weight is not merged.
+    x = x.clone()
+    x[int((indices[:, 0] == 0).nonzero()[0])] = float("nan")
+    weights[int((indices[:, 0] == 2).nonzero()[0]), 0] = float("nan")
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    bad = x.isnan().any(-1) | weights.isnan().any(-1)
+    assert bool(out[bad].isnan().any(-1).all()) and bool(out[~bad].isfinite().all())
+    assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
+
+
 @pytest.mark.parametrize("weights_dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_prerouted_weights_in_another_dtype(weights_dtype):
     layer = make_layer(8, 16, 64, 65, seed=8)

@@ -1,0 +1,122 @@
+"""Pre-routed CPU op on large batches: a group of rows sharing one task set (and weights)
+runs through one merged weight W + sum_j w_j U_j S_j V_j when it is large enough, instead
+of the base GEMM plus the low-rank shrink and expand (csrc/routed_linear_cpu.cpp,
+merged_groups). This measures where that pays.
+
+Each case: T tasks, k = 1, the N rows split evenly over the tasks, `rows/task` a multiple
+of the break-even d_in * d_out / (d_in + d_out). Providers, taking turns every round:
+  grouped    weights 1 (the groups merge once they hold >= 2.5x the break-even rows)
+  per_row    weights 1 + 1e-7 * row (no two rows share a weight: always the low-rank path)
+  floor      F.linear(x, W, b): the layer without any task
+The same FLOPs would be spent by both routed providers without merging.
+
+Writes benchmarks/results/merged_groups.{json,md} and refreshes the table in README.md.
+
+    python benchmarks/bench_merged_groups.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import mass_ext  # noqa: E402
+
+# (d_in, d_out, T, r): MiniLM's attention and MLP layers at T = 5, a ViT-B-sized layer.
+SHAPES = [(384, 384, 5, 76), (384, 1536, 5, 76), (768, 768, 8, 96)]
+MULTIPLES = (1.0, 2.0, 2.5, 4.0, 8.0)
+
+
+def run(rounds: int, min_run_time: float, shapes=SHAPES, multiples=MULTIPLES) -> dict:
+    rows = []
+    for d_in, d_out, T, r in shapes:
+        layer = common.Layer.random(d_in, d_out, T, r)
+        W, b, S, V = layer.weight, layer.bias, layer.S, layer.V
+        U = layer.U.transpose(1, 2).contiguous().transpose(1, 2)  # RoutedLinear's layout
+        break_even = d_in * d_out / (d_in + d_out)
+        for multiple in multiples:
+            per_task = int(round(multiple * break_even))
+            N = per_task * T
+            x = torch.randn(N, d_in, generator=torch.Generator().manual_seed(1))
+            indices = (torch.arange(N) % T)[torch.randperm(N, generator=torch.Generator()
+                                                           .manual_seed(2))][:, None]
+            ones = torch.ones(N, 1)
+            distinct = 1 + 1e-7 * torch.arange(N, dtype=torch.float64)[:, None].float()
+            providers = {
+                "grouped": lambda: mass_ext.routed_linear(x, W, b, U, S, V, indices=indices,
+                                                          weights=ones),
+                "per_row": lambda: mass_ext.routed_linear(x, W, b, U, S, V, indices=indices,
+                                                          weights=distinct),
+                "floor": lambda: F.linear(x, W, b),
+            }
+            with torch.inference_mode():
+                for name, weights in (("grouped", ones), ("per_row", distinct)):
+                    torch.testing.assert_close(
+                        providers[name](), mass_ext.reference.routed_linear(
+                            x, W, b, U, S, V, indices=indices, weights=weights),
+                        atol=1e-4, rtol=1e-4)
+                times = common.time_interleaved(providers, rounds, min_run_time)
+            row = {"d_in": d_in, "d_out": d_out, "T": T, "r": r, "N": N,
+                   "rows_per_task": per_task, "break_even_multiple": multiple,
+                   "rounds": rounds,
+                   "median_us": {p: 1e6 * sorted(t)[len(t) // 2] for p, t in times.items()},
+                   "ratios": {"grouped/per_row": common.ratio_stats(times["grouped"],
+                                                                    times["per_row"]),
+                              "grouped/floor": common.ratio_stats(times["grouped"], times["floor"]),
+                              "per_row/floor": common.ratio_stats(times["per_row"], times["floor"])}}
+            rows.append(row)
+            print(f"{d_in}x{d_out} T={T} r={r} rows/task {per_task} ({multiple}x): "
+                  + "  ".join(f"{k} {v['median']:.2f}" for k, v in row["ratios"].items()),
+                  flush=True)
+    return {"machine": common.machine_info(), "backend": mass_ext.backend(),
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"CPU, float32, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit "
+        f"{m['commit']}, {result['date']} (`python benchmarks/bench_merged_groups.py`). "
+        "Pre-routed k = 1, rows split evenly over the tasks; medians over rounds of per-round "
+        "time ratios (range in brackets).",
+        "",
+        "| d_in x d_out | T | r | rows / task (x break-even) | grouped / per-row weights "
+        "| grouped / F.linear | per-row / F.linear |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        cells = [f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
+                 for s in row["ratios"].values()]
+        lines.append(f"| {row['d_in']} x {row['d_out']} | {row['T']} | {row['r']} | "
+                     f"{row['rows_per_task']} ({row['break_even_multiple']}x) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms per provider")
+    parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    rounds, min_run_time = (3, 0.02) if args.quick else (7, 0.1)
+    result = run(rounds, min_run_time)
+    common.write_json(os.path.join(args.out, "merged_groups.json"), result)
+    table = markdown(result)
+    with open(os.path.join(args.out, "merged_groups.md"), "w") as f:
+        f.write(table)
+    if not args.quick:
+        common.replace_between_markers(os.path.join(common.ROOT, "README.md"), "bench:merged",
+                                       table)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
