@@ -3,7 +3,8 @@
 // the per-task shrink and the expand over the selected tasks are the hand-written
 // loops below, parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
 // Extra memory is O(N * T * r) (the projections), never O(N * T * d); the pre-routed form
-// may also hold one merged d_out x d_in weight at a time (see merged_groups).
+// may also hold one merged d_out x d_in weight at a time and copies of a group's rows and
+// outputs, O(N * (d_in + d_out)) (see merged_groups).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -109,12 +110,16 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // Rows of the pre-routed form whose kept slots hold the same (task, weight) pairs: with
 // enough of them, one merged weight W_g = W + sum_j w_j U_tj diag(S_tj) V_tj (d_out * d_in
 // * r multiply-adds per slot) and one GEMM over the group's rows cost less than the base
-// GEMM plus the shrink and expand (rows * r * (d_in + d_out) per slot): from about twice
-// d_in * d_out / (d_in + d_out) rows on (benchmarks/bench_cpu.py, 2-core AVX2); kMergeFactor
-// keeps a margin.
-// Large batches (prefill, two-pass MASS with top-1) group this way; decode never does.
+// GEMM plus the shrink and expand (rows * r * (d_in + d_out) per slot). The group's rows
+// are copied out and its outputs back (unless it is the whole batch), which costs the same
+// for any r: small ranks never pay (r = 16 lost, r = 64 won in a sweep), so a group needs
+// at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
+// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: 0.70-0.93x the
+// low-rank path from 2.5x on). Large batches (prefill, two-pass MASS with top-1) group;
+// decode sizes and per-row weights (softmax) never do.
 constexpr double kMergeFactor = 2.5;
 constexpr int64_t kMergeMinRows = 64;
+constexpr int64_t kMergeMinRank = 32;
 
 struct MergedGroup {
   std::vector<std::pair<int64_t, double>> slots;  // (task, weight), sorted
@@ -122,39 +127,91 @@ struct MergedGroup {
 };
 
 // MASS_EXT_CPU_MERGE=0 turns merging off: every row takes the low-rank path (the tests of
-// that path at any size, comparisons).
+// that path at any size, comparisons). Read per call: set it before threads call the op.
 bool merging_enabled() {
   const char* setting = std::getenv("MASS_EXT_CPU_MERGE");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
+// Row n's kept slots, sorted, into `slots`; false if it has none or a non-finite weight
+// (such rows keep the low-rank path's per-row behaviour, README).
+bool row_slots(const int64_t* indices, const double* weights, int64_t n, int64_t k,
+               std::vector<std::pair<int64_t, double>>& slots) {
+  slots.clear();
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t t = indices[n * k + j];
+    if (t < 0) continue;
+    if (!std::isfinite(weights[n * k + j])) return false;
+    slots.emplace_back(t, weights[n * k + j] == 0.0 ? 0.0 : weights[n * k + j]);  // -0 = 0
+  }
+  std::sort(slots.begin(), slots.end());
+  return !slots.empty();
+}
+
+uint64_t slots_hash(const std::vector<std::pair<int64_t, double>>& slots) {
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& slot : slots) {
+    uint64_t bits;
+    std::memcpy(&bits, &slot.second, sizeof bits);
+    for (const uint64_t v : {static_cast<uint64_t>(slot.first), bits}) {
+      h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    }
+  }
+  return h;
+}
+
 std::vector<MergedGroup> merged_groups(
-    const int64_t* indices, const double* weights, const LayerDims& d, int64_t k) {
-  if (!merging_enabled()) return {};
+    const int64_t* indices, const at::Tensor& weights, const LayerDims& d, int64_t k) {
+  if (!merging_enabled() || d.d_in == 0 || d.d_out == 0 || d.r * k < kMergeMinRank) return {};
   const double break_even = static_cast<double>(d.d_in) * static_cast<double>(d.d_out) /
                             static_cast<double>(d.d_in + d.d_out);
   const int64_t min_rows =
       std::max<int64_t>(kMergeMinRows, static_cast<int64_t>(std::ceil(kMergeFactor * break_even)));
   if (d.N < min_rows) return {};
-  std::map<std::vector<std::pair<int64_t, double>>, std::vector<int64_t>> rows_by_slots;
-  std::vector<std::pair<int64_t, double>> slots;
+  // Cheap exit: a group needs min_rows rows whose lowest kept task is the same.
+  std::vector<int64_t> rows_per_task(d.T, 0);
+  bool any = false;
   for (int64_t n = 0; n < d.N; ++n) {
-    slots.clear();
-    bool finite = true;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t t = indices[n * k + j];
-      if (t < 0) continue;
-      finite = finite && std::isfinite(weights[n * k + j]);
-      slots.emplace_back(t, weights[n * k + j]);
-    }
-    // Non-finite weights keep the low-rank path's per-row behaviour (README).
-    if (slots.empty() || !finite) continue;
-    std::sort(slots.begin(), slots.end());
+    int64_t lowest = d.T;
+    for (int64_t j = 0; j < k; ++j)
+      if (indices[n * k + j] >= 0) lowest = std::min(lowest, indices[n * k + j]);
+    if (lowest < d.T) any = ++rows_per_task[lowest] >= min_rows || any;
+  }
+  if (!any) return {};
+  // Hash every row's slots, sort the hashes (no allocation per row), keep the hashes held
+  // by min_rows rows or more, then group those rows by their exact slots.
+  const at::Tensor w64 = weights.to(at::kDouble).contiguous();
+  const double* w = w64.const_data_ptr<double>();
+  std::vector<std::pair<int64_t, double>> slots;
+  std::vector<uint64_t> hashes(d.N, 0);
+  std::vector<char> mergeable(d.N, 0);
+  for (int64_t n = 0; n < d.N; ++n) {
+    mergeable[n] = row_slots(indices, w, n, k, slots);
+    if (mergeable[n]) hashes[n] = slots_hash(slots);
+  }
+  std::vector<uint64_t> sorted;
+  sorted.reserve(d.N);
+  for (int64_t n = 0; n < d.N; ++n)
+    if (mergeable[n]) sorted.push_back(hashes[n]);
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<uint64_t> frequent;
+  for (size_t i = 0; i < sorted.size();) {
+    size_t e = i;
+    while (e < sorted.size() && sorted[e] == sorted[i]) ++e;
+    if (static_cast<int64_t>(e - i) >= min_rows) frequent.push_back(sorted[i]);
+    i = e;
+  }
+  std::map<std::vector<std::pair<int64_t, double>>, std::vector<int64_t>> rows_by_slots;
+  for (int64_t n = 0; n < d.N; ++n) {
+    if (!mergeable[n] || !std::binary_search(frequent.begin(), frequent.end(), hashes[n]))
+      continue;
+    row_slots(indices, w, n, k, slots);
     rows_by_slots[slots].push_back(n);
   }
   std::vector<MergedGroup> groups;
   for (auto& entry : rows_by_slots)
-    if (static_cast<int64_t>(entry.second.size()) >= min_rows)
+    if (static_cast<int64_t>(entry.second.size()) >= min_rows &&
+        static_cast<int64_t>(entry.first.size()) * d.r >= kMergeMinRank)
       groups.push_back({entry.first, std::move(entry.second)});
   return groups;
 }
@@ -361,8 +418,12 @@ at::Tensor dense_part(
           U.select(0, slot.first).to(acc_type) * (S.select(0, slot.first).to(acc_type) * slot.second);
       W_group.addmm_(scaled_U, V.select(0, slot.first).to(acc_type));
     }
-    const at::Tensor members = row_index(group.rows);
-    out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), W_group, bias));
+    if (static_cast<int64_t>(group.rows.size()) == N) {  // the whole batch: no copies
+      out = dense_base(rows_acc, W_group, bias);
+    } else {
+      const at::Tensor members = row_index(group.rows);
+      out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), W_group, bias));
+    }
     for (const int64_t n : group.rows) {
       is_merged[n] = 1;
       std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
@@ -395,8 +456,7 @@ at::Tensor routed_linear_prerouted_cpu(
         d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
   }
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
-  const std::vector<MergedGroup> merged =
-      merged_groups(idx_data, w.to(at::kDouble).const_data_ptr<double>(), d, top_k);
+  const std::vector<MergedGroup> merged = merged_groups(idx_data, w, d, top_k);
   at::Tensor low_rank_idx = idx;  // the slots the shrink and expand below still serve
   at::Tensor out = dense_part(rows.to(acc_type), weight, bias, U, S, V, merged, top_k,
                               low_rank_idx);

@@ -147,7 +147,7 @@ def test_merged_groups_benchmark_checks_both_paths_against_the_reference():
     threshold, grouped and per-row weights both match the reference (checked in run)."""
     from benchmarks import bench_merged_groups
 
-    result = bench_merged_groups.run(rounds=1, min_run_time=0.0, shapes=[(24, 40, 3, 4)],
+    result = bench_merged_groups.run(rounds=1, min_run_time=0.0, shapes=[(48, 40, 3, 32)],
                                      multiples=(1.0, 8.0))
-    assert [row["rows_per_task"] for row in result["rows"]] == [15, 120]
-    assert "| 24 x 40 | 3 | 4 | 120 (8.0x) |" in bench_merged_groups.markdown(result)
+    assert [row["rows_per_task"] for row in result["rows"]] == [22, 175]
+    assert "| 48 x 40 | 3 | 32 | 175 (8.0x) |" in bench_merged_groups.markdown(result)
