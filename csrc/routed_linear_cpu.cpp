@@ -114,8 +114,8 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // are copied out and its outputs back (unless it is the whole batch), which costs the same
 // for any r: small ranks never pay (r = 16 lost, r = 64 won in a sweep), so a group needs
 // at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
-// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: 0.70-0.93x the
-// low-rank path from 2.5x on). Large batches (prefill, two-pass MASS with top-1) group;
+// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: about 0.7-0.9x
+// the low-rank path from 2.5x on). Large batches (prefill, two-pass MASS with top-1) group;
 // decode sizes and per-row weights (softmax) never do.
 constexpr double kMergeFactor = 2.5;
 constexpr int64_t kMergeMinRows = 64;
