@@ -88,10 +88,8 @@ def format_row(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"CPU, {result['rows'][0]['dtype']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-        f"commit {m['commit']}, {result['date']} (`python benchmarks/bench_cpu.py`). "
+        f"CPU, {result['rows'][0]['dtype']}, {common.provenance(result, 'bench_cpu.py')}. "
         "Ratios are medians over rounds of per-round time ratios (range in brackets); "
         "lower is better for the first two, higher for the last two.",
         "",

@@ -80,10 +80,8 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES, multiples=MULTIPLES) ->
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"CPU, float32, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit "
-        f"{m['commit']}, {result['date']} (`python benchmarks/bench_merged_groups.py`). "
+        f"CPU, float32, {common.provenance(result, 'bench_merged_groups.py')}. "
         "Pre-routed k = 1, rows split evenly over the tasks; medians over rounds of per-round "
         "time ratios (range in brackets).",
         "",

@@ -155,12 +155,11 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
 
 
 def markdown(result: dict) -> str:
-    m, first = result["machine"], result["rows"][0]
+    first = result["rows"][0]
     lines = [
         f"{first['model']}, T={first['T']} tasks mixed evenly in a batch of {first['batch']} x "
         f"{first['length']} tokens, router `{first['router_layer']}`, {first['routed_layers']} "
-        f"routed layers of rank {first['rank']}; {m['cpu']}, {m['threads']} threads, torch "
-        f"{m['torch']}, commit {m['commit']}, {result['date']} (`python benchmarks/bench_model.py`). "
+        f"routed layers of rank {first['rank']}; {common.provenance(result, 'bench_model.py')}. "
         "Medians over rounds of per-round time ratios (range in brackets).",
         "",
         "| top-k | weights | groups (task set and weights) in the batch "

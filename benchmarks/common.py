@@ -99,6 +99,13 @@ def ratio_stats(num: list, den: list) -> dict:
     return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
+def provenance(result: dict, script: str) -> str:
+    """Where and when a result was measured: machine, torch, commit, date, command."""
+    m = result["machine"]
+    return (f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, "
+            f"{result['date']} (`python benchmarks/{script}`)")
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -406,7 +406,7 @@ at::Tensor dense_part(
   if (merged.empty()) return dense_base(rows_acc, weight, bias);
   const at::ScalarType acc_type = rows_acc.scalar_type();
   const int64_t N = rows_acc.size(0);
-  at::Tensor out = at::empty({N, weight.size(0)}, rows_acc.options());
+  at::Tensor out;  // allocated unless one group is the whole batch
   const at::Tensor W_acc = weight.to(acc_type);
   low_rank_idx = low_rank_idx.clone();
   int64_t* open_slots = low_rank_idx.mutable_data_ptr<int64_t>();
@@ -421,6 +421,7 @@ at::Tensor dense_part(
     if (static_cast<int64_t>(group.rows.size()) == N) {  // the whole batch: no copies
       out = dense_base(rows_acc, W_group, bias);
     } else {
+      if (!out.defined()) out = at::empty({N, weight.size(0)}, rows_acc.options());
       const at::Tensor members = row_index(group.rows);
       out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), W_group, bias));
     }

@@ -317,7 +317,7 @@ class MASS(nn.Module):
                     f"router_layer must name routed Linear layers; {name!r} is not one. "
                     f"Routed layers: {sorted(self.routed)}")
         self.router_layer, self.pooling = router_layer, pooling
-        outside = [name for name in self.router_layers if self._outside_encoder(name)]
+        outside = self._router_layers_outside_encoder()
         if outside and not callable(pooling):
             raise ValueError(
                 f"router_layer {outside} is outside the encoder of this encoder-decoder "
@@ -587,7 +587,7 @@ class MASS(nn.Module):
             self.routing = None
             with self._pass("self"):
                 return self.model.generate(**prompts, **kwargs)
-        outside = [name for name in self.router_layers if self._outside_encoder(name)]
+        outside = self._router_layers_outside_encoder()
         if outside:
             raise ValueError(
                 f"generate routes each prompt before decoding, but the router layer(s) "
@@ -698,12 +698,10 @@ class MASS(nn.Module):
                 hook.remove()
 
     def _unflattened(self, x: torch.Tensor) -> torch.Tensor:
-        """x, or as (B, L, d) when it is the (B * L, d) tokens of the last (B, L, d) input
-        a routed layer saw in this pass, flattened sample-major (OPT's MLP)."""
-        tokens = self._state.tokens
-        if x.dim() == 2 and tokens is not None and x.shape[0] == tokens[0] * tokens[1]:
-            return x.reshape(*tokens, x.shape[-1])
-        return x
+        """x, or as (B, L, d) when it is a (B, L) batch's tokens flattened
+        (`_RouteState.flattened_tokens`)."""
+        tokens = self._state.flattened_tokens(x)
+        return x if tokens is None else x.reshape(*tokens, x.shape[-1])
 
     def _pooled(self, captured: dict, kwargs) -> list:
         missing = [name for name in self.router_layers if name not in captured]
@@ -754,19 +752,19 @@ class MASS(nn.Module):
             return x[:, 0]
         return _mean_over_tokens(x, self._padding_mask(name, x, kwargs))
 
-    def _outside_encoder(self, name: str) -> bool:
-        """Whether layer `name` of an encoder-decoder transformers model
-        (config.is_encoder_decoder: T5, BART, Whisper...) lies outside its encoder
-        (get_encoder(), else a module path through "encoder"); False for other models."""
+    def _router_layers_outside_encoder(self) -> list:
+        """The router layers of an encoder-decoder transformers model
+        (config.is_encoder_decoder: T5, BART, Whisper...) that lie outside its encoder
+        (get_encoder(), else a module path through "encoder"); [] for other models."""
         config = getattr(self.model, "config", None)
         if not getattr(config, "is_encoder_decoder", False):
-            return False
+            return []
         get_encoder = getattr(self.model, "get_encoder", None)
         encoder = get_encoder() if callable(get_encoder) else None
         if isinstance(encoder, nn.Module):
-            layer = self.routed[name]
-            return not any(m is layer for m in encoder.modules())
-        return "encoder" not in name.split(".")
+            inside = {id(m) for m in encoder.modules()}
+            return [n for n in self.router_layers if id(self.routed[n]) not in inside]
+        return [n for n in self.router_layers if "encoder" not in n.split(".")]
 
     def _padding_mask(self, name: str, x: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
         """The padding mask (B, L) of router layer `name`'s tokens x (B, L, ...): the

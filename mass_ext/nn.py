@@ -115,6 +115,15 @@ class _RouteState(threading.local):
                                    self.weights.repeat_interleave(rows // B, 0))
         return self.repeated[rows]
 
+    def flattened_tokens(self, x: torch.Tensor) -> Optional[tuple]:
+        """(B, L) when x (B * L, d) is the tokens of the last (B, L, d) input a routed layer
+        saw in this pass, flattened sample-major (OPT's MLP, Qwen2-MoE's shared expert
+        reshape(-1, d)); else None."""
+        tokens = self.tokens
+        if x.dim() == 2 and tokens is not None and x.shape[0] == tokens[0] * tokens[1]:
+            return tokens
+        return None
+
     def flattened_routing(self, batch: int, length: int):
         """(indices, weights) (batch * length, k) for the rows of a (batch, length) input
         flattened sample-major: each sample's decision `length` times in a row."""
@@ -217,11 +226,8 @@ class RoutedLinear(nn.Module):
             self.last_routing = (indices, weights)
             return out
         # Per-sample decision (B, k), applied to every row of that sample.
-        tokens = self.state.tokens
-        if x.dim() == 2 and tokens is not None and tokens[1] > 1 \
-                and x.shape[0] == tokens[0] * tokens[1]:
-            # The last (B, L, d) input's tokens flattened sample-major (OPT's MLP, Qwen2-MoE's
-            # shared expert reshape(-1, d)): each row takes its sample's decision.
+        tokens = self.state.flattened_tokens(x)
+        if tokens is not None:  # each row takes its sample's decision
             indices, weights = self.state.flattened_routing(*tokens)
             return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
                                      indices=indices, weights=weights)
