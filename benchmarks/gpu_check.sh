@@ -4,7 +4,9 @@
 # a small run, and the GPU benchmarks. Everything goes to $OUT as it happens (logs, junit
 # XML, gpu.json / gpu.md), so a run cut short still leaves what it finished. Each stage
 # has its own timeout, all within GPU_CHECK_BUDGET seconds (default 460: under 8 minutes).
-# Installs nothing.
+# Installs nothing. It writes at most 8 files (the device tool returns no more): summary.txt
+# (environment and each stage's status), build.log, tests.log, tests.xml, sanitizer.log
+# (memcheck then racecheck), bench.log, gpu.json, gpu.md.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -38,30 +40,38 @@ stage() {
 }
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
   git rev-parse --short HEAD 2>/dev/null || true
+  git status --short 2>/dev/null | head -n 20 || true
   nvcc --version | tail -n 2 || true
-} > "$OUT/env.txt" 2>&1
-note "env: $(tr '\n' ' ' < "$OUT/env.txt" | cut -c1-300)"
+  nproc
+} 2>&1 | sed 's/^/env: /' | tee -a "$SUMMARY"
 
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
 if ! stage build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
   note "build failed: see build.log"
   exit 1
 fi
-stage backend 60 "$OUT/backend.log" "$PY" -c \
+stage backend 60 /tmp/mass_ext_backend.log "$PY" -c \
   "import mass_ext; b = mass_ext.backend('cuda'); print('backend', b); assert b == 'cuda'"
 
+# Four workers when pytest-xdist is there: a test that breaks the CUDA context (an illegal
+# address) then costs one worker, not every later test. pytest-timeout, if there, stops a
+# hang at 120 s.
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 4)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
 stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
-  --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_backend.py
+  "${PARALLEL[@]}" --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_backend.py
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-stage memcheck 50 "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 3 \
+stage memcheck 50 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 3 \
   "$PY" benchmarks/cuda_smoke.py
 # Rows go to gpu.json / gpu.md as they are measured: a timeout keeps the finished ones.
 stage bench 200 "$OUT/bench.log" "$PY" benchmarks/bench_gpu.py --out "$OUT" --reps 15 \
   --graph-reps 5
-stage racecheck 45 "$OUT/racecheck.log" "$SAN" --tool racecheck --error-exitcode 3 \
+stage racecheck 45 "$OUT/racecheck.tmp" "$SAN" --tool racecheck --error-exitcode 3 \
   "$PY" benchmarks/cuda_smoke.py
+cat "$OUT/racecheck.tmp" >> "$OUT/sanitizer.log" 2>/dev/null; rm -f "$OUT/racecheck.tmp"
 note "done in $(( $(date +%s) - START ))s; results in $OUT"
