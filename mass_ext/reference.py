@@ -43,8 +43,13 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
             torch.where(logits.isfinite(), logits.abs(), 0.0).amax(dim=-1, keepdim=True))
         scaled = logits / unit
         mean = scaled.mean(dim=-1, keepdim=True)
-        std = (((scaled - mean) ** 2).sum(dim=-1, keepdim=True) / (T - 1)).sqrt()  # unbiased
-        standardized = (scaled - mean) / (std + STANDARDIZE_EPS / unit)
+        # Corrected two-pass variance (as the kernels): the (sum c)^2 / T term removes the
+        # rounding error of `mean`, which float32 rows of large, nearly tied logits need.
+        centred = scaled - mean
+        var = ((centred**2).sum(dim=-1, keepdim=True)
+               - centred.sum(dim=-1, keepdim=True) ** 2 / T).clamp(min=0)
+        std = (var / (T - 1)).sqrt()  # unbiased
+        standardized = centred / (std + STANDARDIZE_EPS / unit)
         # Shifted to max 0 before the temperature divides: finite for any temperature > 0;
         # one below the smallest positive float of the dtype acts as that one (arg-max).
         standardized = standardized - standardized.amax(dim=-1, keepdim=True)

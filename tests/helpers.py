@@ -436,6 +436,20 @@ def check_route_against_reference(x, V, top_k, *, temperature=1.0, threshold=0.0
     return got, ref
 
 
+def nearly_tied_rows(T, n, seed, dtype=torch.float32):
+    """(x (n, 64), V (T, 1, 64)): rows of norm ~26 whose T residuals (~26) differ by ~1e-4,
+    1e-5 or 1e-6 of their size: the standardisation's float32 mean then loses most of the
+    spread's bits unless the variance is corrected (routing.h, select_tasks)."""
+    g = generator(seed)
+    d = 64
+    V = torch.eye(d, dtype=torch.float64)[:T].reshape(T, 1, d)
+    x = torch.zeros(n, d, dtype=torch.float64)
+    x[:, T:] = 26 / math.sqrt(d - T)
+    spread = 10.0 ** -torch.randint(2, 5, (n, 1), generator=g).to(torch.float64)
+    x[:, :T] = 3 + spread * torch.rand(n, T, generator=g, dtype=torch.float64)
+    return x.to(dtype), V.to(dtype)
+
+
 def case_inputs(case, dtype, seed=0):
     """x (in the case's layout) and a Layer for one tests/cases.py Case."""
     layer = make_layer(case.T, case.r, case.d_in, case.d_out, dtype=dtype, bias=case.bias,
