@@ -12,9 +12,11 @@ Providers (same inputs, same run):
   loop         route, then one masked pass per task with index_add_ (what users write)
   floor_base   F.linear(x, W, b): the layer without any task
   floor_cat    F.linear(x, cat([W, V_stacked])): the GEMM routing cannot avoid
-  fused_decode, fused_large  `fused` with each CUDA path forced (the thresholds'
-               environment variables; graph timing only): where they cross tells where
-               kProjectMaxRows / kSelectedMaxRows belong
+  {fused,prerouted_k1}_{decode,mixed,large}  each forced onto one CUDA path (the
+               thresholds' environment variables; graph timing only): decode = `project`
+               + selected-tasks expand, mixed = cuBLAS + selected-tasks expand, large =
+               cuBLAS + dense expand GEMM. Where they cross tells where kProjectMaxRows /
+               kSelectedMaxRows belong
 
 Two timings per provider, medians with the 20th-80th percentile range:
   graph  CUDA-graph replays of calls that cycle over copies of the layer (> 200 MB in all,
@@ -55,14 +57,18 @@ SHAPES = [
 ]
 ROTATE_BYTES = 200 * 2**20
 FLUSH_BYTES = 256 * 2**20
-GRAPH_PROVIDERS = ("fused", "fused_rowU", "prerouted_k1", "reference", "floor_base", "floor_cat",
-                   "fused_decode", "fused_large")
-GRAPH_ONLY = ("fused_decode", "fused_large")
+# Each CUDA path forced through the thresholds' environment variables: `project` or cuBLAS
+# for the dense part, times the selected-tasks or the dense expand.
 PATH_ENV = {
-    "fused_decode": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "1000000",
-                     "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000"},
-    "fused_large": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "0"},
+    "decode": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "1000000",
+               "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000"},
+    "mixed": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000"},
+    "large": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "0"},
 }
+FORCED = tuple(f"{op}_{path}" for op in ("fused", "prerouted_k1") for path in PATH_ENV)
+GRAPH_PROVIDERS = ("fused", "fused_rowU", "prerouted_k1", "reference", "floor_base",
+                   "floor_cat") + FORCED
+GRAPH_ONLY = FORCED
 
 
 def with_env(fn, env):
@@ -154,13 +160,15 @@ def providers_for(params, x, k, top1):
     U_cm = U.transpose(1, 2).contiguous().transpose(1, 2)
     W_cat = torch.cat([W, V.reshape(-1, V.shape[-1])])
     fused = lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, k)  # noqa: E731
+    prerouted = lambda: mass_ext.routed_linear(  # noqa: E731
+        x, W, b, U_cm, S, V, indices=top1.indices, weights=top1.weights)
+    forced = {f"{name}_{path}": with_env(fn, env) for name, fn in
+              (("fused", fused), ("prerouted_k1", prerouted)) for path, env in PATH_ENV.items()}
     return {
         "fused": fused,
-        "fused_decode": with_env(fused, PATH_ENV["fused_decode"]),
-        "fused_large": with_env(fused, PATH_ENV["fused_large"]),
         "fused_rowU": lambda: mass_ext.routed_linear(x, W, b, U, S, V, k),
-        "prerouted_k1": lambda: mass_ext.routed_linear(x, W, b, U_cm, S, V, indices=top1.indices,
-                                                       weights=top1.weights),
+        "prerouted_k1": prerouted,
+        **forced,
         "reference": lambda: reference.routed_linear(x, W, b, U, S, V, k),
         "loop": lambda: reference.per_task_loop(x, W, b, U, S, V, k),
         "floor_base": lambda: F.linear(x, W, b),
@@ -199,7 +207,7 @@ def run(args, out_dir):
                 per_copy_providers = [providers_for(p, x, k, top1) for p in copies]
                 names = list(per_copy_providers[0])
                 if N > 256:  # the decode path is CUDA-core GEMV work: minutes at large N
-                    names.remove("fused_decode")
+                    names = [name for name in names if not name.endswith(("_decode", "_mixed"))]
                 if compiled_ref is not None and shape_i == 0 and N == 16:
                     W, b, U, S, V = copies[0]
                     per_copy_providers[0]["compiled_ref"] = lambda: compiled_ref(x, W, b, U, S, V, k)
@@ -289,6 +297,22 @@ def markdown(result):
             fmt(der.get("compiled_ref_over_fused_eager")),
             fmt(der.get("decode_path_over_large_path")),
         ]) + " |")
+    paths = ("fused_decode", "fused_mixed", "fused_large", "prerouted_k1", "prerouted_k1_decode",
+             "prerouted_k1_mixed", "prerouted_k1_large", "floor_base", "floor_cat")
+    lines += [
+        "",
+        "Each path forced (graph, us): decode = `project` + selected-tasks expand, mixed = "
+        "cuBLAS + selected-tasks expand, large = cuBLAS + dense expand GEMM.",
+        "",
+        "| d | T | r | k | N | " + " | ".join(paths) + " |",
+        "|" + "---|" * (5 + len(paths)),
+    ]
+    for row in result["rows"]:
+        g = row["graph_s"]
+        lines.append("| " + " | ".join(
+            [str(row[key]) for key in ("d", "T", "r", "k", "N")]
+            + [fmt(g[name]["median"] * 1e6 if name in g else None, "{:.1f}") for name in paths])
+            + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,8 @@ stage() {
 } 2>&1 | sed 's/^/env: /' | tee -a "$SUMMARY"
 
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
+# The scripts under benchmarks/ import the in-place build from the repository root.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if ! stage build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
   note "build failed: see build.log"
   exit 1
@@ -56,11 +58,11 @@ fi
 stage backend 60 /tmp/mass_ext_backend.log "$PY" -c \
   "import mass_ext; b = mass_ext.backend('cuda'); print('backend', b); assert b == 'cuda'"
 
-# Four workers when pytest-xdist is there: a test that breaks the CUDA context (an illegal
+# Eight workers when pytest-xdist is there: a test that breaks the CUDA context (an illegal
 # address) then costs one worker, not every later test. pytest-timeout, if there, stops a
 # hang at 120 s.
 PARALLEL=()
-"$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 4)
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 8)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
 stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
   "${PARALLEL[@]}" --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_backend.py

@@ -10,10 +10,11 @@ namespace mass_ext {
 namespace cuda {
 namespace {
 
-constexpr int kExpandCols = 32;   // output columns per block: one per lane
+constexpr int kExpandCols = 32;   // output columns per block: one per lane (= kWarp)
 constexpr int kExpandRank = 64;   // rank chunk per block (grid.y); partial sums per chunk
 constexpr int kExpandRows = 64;   // rows of x per block (grid.z)
 constexpr int kExpandThreads = 256;
+static_assert(kExpandCols == kWarp, "a column per lane: the h shuffles rely on it");
 constexpr int kExpandGroups = kExpandThreads / kExpandCols;  // = warps: rows n = group mod 8
 
 // Block (column tile, rank chunk, row tile). For each task t that a row of the tile
@@ -60,8 +61,16 @@ __global__ void __launch_bounds__(kExpandThreads) expand_selected_kernel(
       for (int64_t j = 0; j < k; ++j) {
         const int64_t slot = (n0 + n) * k + j;
         if (indices[slot] != t) continue;
+        // The slot's 64 h values in two registers per lane (two coalesced loads), handed
+        // out by shuffles: no global load inside the loop. Past nq, tile rows are 0.
         const acc_t* h_slot = h + slot * r + q0;
-        for (int q = 0; q < nq; ++q) acc += tile[q][col] * h_slot[q];
+        const acc_t h_lo = col < nq ? h_slot[col] : acc_t(0);
+        const acc_t h_hi = col + kWarp < nq ? h_slot[col + kWarp] : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kExpandRank; ++q) {
+          const acc_t hq = __shfl_sync(0xffffffffu, q < kWarp ? h_lo : h_hi, q % kWarp);
+          acc += tile[q][col] * hq;
+        }
       }
       sums[n][col] += acc;
     }

@@ -15,11 +15,22 @@ namespace cuda {
 namespace {
 
 constexpr int kRouteThreads = 256;
+// Dynamic shared memory the selection of one row stages in (logits, probs and the chosen
+// slots); above it, global scratch. Under the default 48 KB per block (no opt-in), with
+// room for the kernel's static shared memory.
+constexpr int64_t kRouteSharedBytes = 40 * 1024;
+
+template <typename acc_t>
+int64_t route_shared_bytes(int64_t T, int64_t top_k) {
+  return top_k * int64_t(sizeof(int64_t)) + (top_k + 2 * T) * int64_t(sizeof(acc_t));
+}
 
 // One block per row (grid-stride over rows). Residuals as in route_rows of the CPU kernel:
 // ||x||^2 - ||z_t||^2, the row and its projections redone divided by 2^e when the squares
 // of the row overflow or underflow. The selection itself (select_tasks) is serial on one
-// thread: O(top_k * T) with T small, and it keeps the CPU kernel's exact rules.
+// thread: O(top_k * T) with T small, and it keeps the CPU kernel's exact rules. Its
+// operands sit in shared memory (when 2 T + 2 k values fit in kRouteSharedBytes): its
+// dependent reads and writes then cost tens of cycles, not a global round trip each.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRouteThreads) route_kernel(
     const scalar_t* __restrict__ x, int64_t x_stride,  // [N, d_in]
@@ -27,18 +38,33 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
     const acc_t* __restrict__ z,                       // [N, T * r]
     int64_t T, int64_t r, int64_t top_k, acc_t temperature, acc_t threshold,
     Weighting weighting,
-    // Written by one thread and read by the others after a barrier: not __restrict__,
-    // so that no read goes through the read-only (non-coherent) cache.
+    // indices, weights and scratch may be written by one thread and read by the others
+    // after a barrier: not __restrict__, so that no read goes through the read-only
+    // (non-coherent) cache.
     int64_t* indices,                                  // [N, top_k]
     acc_t* weights,                                    // [N, top_k]
     acc_t* __restrict__ residuals,                     // [N, T] or nullptr
-    acc_t* scratch,                                    // [N, 2 * T]: logits, probs
+    acc_t* scratch,  // [N, 2 T] global (logits, probs), or nullptr: all in shared memory
     const scalar_t* __restrict__ S, int64_t S_stride0, int64_t S_stride1,  // [T, r] or nullptr
     acc_t* __restrict__ h) {                           // [N * top_k, r] or nullptr
   __shared__ acc_t partial[kWarp];
+  extern __shared__ __align__(16) unsigned char route_shared[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    // int64 slots first: every part stays aligned for its type.
+    int64_t* slot_task;
+    acc_t *slot_weight, *logits;
+    if (scratch == nullptr) {
+      slot_task = reinterpret_cast<int64_t*>(route_shared);
+      slot_weight = reinterpret_cast<acc_t*>(slot_task + top_k);
+      logits = slot_weight + top_k;
+    } else {
+      logits = scratch + n * 2 * T;
+      slot_task = indices + n * top_k;  // the outputs themselves
+      slot_weight = weights + n * top_k;
+    }
+    acc_t* probs = logits + T;
     const scalar_t* row = x + n * x_stride;
     const acc_t* z_row = z + n * T * r;
     acc_t sum = 0;
@@ -46,6 +72,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
       const acc_t v = static_cast<acc_t>(row[i]);
       sum += v * v;
     }
+    // Its barriers also order the previous row's reads of the shared slots before this
+    // row's writes.
     acc_t x_norm2 = block_reduce<false>(sum, partial);
     int e = 0;
     if (norm2_needs_rescale(x_norm2)) {  // the same value in every thread: uniform branch
@@ -68,8 +96,6 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
         x_norm2 = block_reduce<false>(sum, partial);
       }
     }
-    acc_t* logits = scratch + n * 2 * T;
-    acc_t* probs = logits + T;
     for (int64_t t = warp; t < T; t += warps) {  // a warp per task
       acc_t z_norm2 = 0;
       for (int64_t q = lane; q < r; q += kWarp) {
@@ -83,25 +109,33 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
         logits[t] = logit_from_residual(res);
       }
     }
-    __syncthreads();  // logits complete (global memory: visible to the block after it)
+    __syncthreads();  // logits complete
     if (threadIdx.x == 0)
-      select_tasks(logits, probs, T, top_k, temperature, threshold, weighting,
-                   indices + n * top_k, weights + n * top_k);
+      select_tasks(logits, probs, T, top_k, temperature, threshold, weighting, slot_task,
+                   slot_weight);
     __syncthreads();  // the selection is visible to the whole block
+    if (scratch == nullptr) {
+      for (int64_t j = threadIdx.x; j < top_k; j += blockDim.x) {
+        indices[n * top_k + j] = slot_task[j];
+        weights[n * top_k + j] = slot_weight[j];
+      }
+    }
     if (h) {
       for (int64_t i = threadIdx.x; i < top_k * r; i += blockDim.x) {
         const int64_t j = i / r, q = i - j * r;
-        const int64_t t = indices[n * top_k + j];
+        const int64_t t = slot_task[j];
         h[n * top_k * r + i] =
             t < 0 ? acc_t(0)
-                  : weights[n * top_k + j] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) *
+                  : slot_weight[j] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) *
                         z_row[t * r + q];
       }
     }
   }
 }
 
-constexpr int kShrinkWarps = 8;
+// Few warps per block: at decode sizes the k * r items (e.g. 512) then spread over every
+// multiprocessor instead of a third of them.
+constexpr int kShrinkWarps = 2;
 
 // One warp per (slot, rank row q): h[slot, q] = w * S_t[q] * (V_t[q] . x_row), reading
 // only the selected tasks' V. Index values are checked here, on the device: a host check
@@ -170,15 +204,20 @@ void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, in
   const int64_t N = rows.size(0), d_in = rows.size(1);
   if (N == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor scratch = at::empty({N, 2 * T}, z.options());
   MASS_EXT_DISPATCH(rows.scalar_type(), "mass_ext_route", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    route_kernel<scalar_t, acc_t><<<grid_for(N, 1, 1 << 16), kRouteThreads, 0, stream>>>(
+    const int64_t shared_bytes = route_shared_bytes<acc_t>(T, top_k);
+    const bool in_shared = shared_bytes <= kRouteSharedBytes;
+    at::Tensor scratch;
+    if (!in_shared) scratch = at::empty({N, 2 * T}, z.options());
+    route_kernel<scalar_t, acc_t>
+        <<<grid_for(N, 1, 1 << 16), kRouteThreads, in_shared ? shared_bytes : 0, stream>>>(
         rows.const_data_ptr<scalar_t>(), rows.stride(0), N, d_in, z.const_data_ptr<acc_t>(), T, r,
         top_k, static_cast<acc_t>(temperature), static_cast<acc_t>(threshold), weighting,
         indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(),
         residuals.defined() ? residuals.mutable_data_ptr<acc_t>() : nullptr,
-        scratch.mutable_data_ptr<acc_t>(), h.defined() ? S.const_data_ptr<scalar_t>() : nullptr,
+        in_shared ? nullptr : scratch.mutable_data_ptr<acc_t>(),
+        h.defined() ? S.const_data_ptr<scalar_t>() : nullptr,
         h.defined() ? S.stride(0) : 0, h.defined() ? S.stride(1) : 0,
         h.defined() ? h.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
