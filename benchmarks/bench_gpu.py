@@ -49,9 +49,10 @@ import common  # noqa: E402
 import mass_ext  # noqa: E402
 from mass_ext import reference  # noqa: E402
 
-# (d, T, r, k, N list): the targets' shape first, then the ones the issue asks to report.
+# (d, T, r, k, N list): the targets' shape first (with the small N where the paths cross),
+# then the ones the issue asks to report.
 SHAPES = [
-    (4096, 8, 512, 2, [1, 16, 64, 4096]),
+    (4096, 8, 512, 2, [1, 2, 4, 8, 16, 64, 4096]),
     (768, 8, 96, 2, [1, 16, 64, 4096]),
     (4096, 20, 204, 2, [1, 16, 64, 4096]),
 ]

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU machine's one script (H200, Python 3.12, torch 2.11 cu130, no network): builds
 # the extension for sm_90, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on
-# a small run, and the GPU benchmarks. Everything goes to $OUT as it happens (logs, junit
-# XML, gpu.json / gpu.md), so a run cut short still leaves what it finished. Each stage
+# a small run, the GPU benchmarks and a per-kernel profile. Everything goes to $OUT as it
+# happens, so a run cut short still leaves what it finished. Each stage
 # has its own timeout, all within GPU_CHECK_BUDGET seconds (default 460: under 8 minutes).
 # Installs nothing. It writes at most 8 files (the device tool returns no more): summary.txt
-# (environment and each stage's status), build.log, tests.log, tests.xml, sanitizer.log
-# (memcheck then racecheck), bench.log, gpu.json, gpu.md.
+# (environment and each stage's status), build.log, tests.log, sanitizer.log (memcheck then
+# racecheck), bench.log (bench_gpu.py, then profile_gpu.py), gpu.json, gpu.md, profile.md.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -65,7 +65,7 @@ PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 8)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
 stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
-  "${PARALLEL[@]}" --junitxml="$OUT/tests.xml" tests/test_cuda.py tests/test_backend.py
+  "${PARALLEL[@]}" tests/test_cuda.py tests/test_backend.py
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 stage memcheck 50 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 3 \
@@ -73,6 +73,8 @@ stage memcheck 50 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 3
 # Rows go to gpu.json / gpu.md as they are measured: a timeout keeps the finished ones.
 stage bench 200 "$OUT/bench.log" "$PY" benchmarks/bench_gpu.py --out "$OUT" --reps 15 \
   --graph-reps 5
+stage profile 40 /tmp/mass_ext_profile.log "$PY" benchmarks/profile_gpu.py --out "$OUT"
+cat /tmp/mass_ext_profile.log >> "$OUT/bench.log" 2>/dev/null
 stage racecheck 45 "$OUT/racecheck.tmp" "$SAN" --tool racecheck --error-exitcode 3 \
   "$PY" benchmarks/cuda_smoke.py
 cat "$OUT/racecheck.tmp" >> "$OUT/sanitizer.log" 2>/dev/null; rm -f "$OUT/racecheck.tmp"

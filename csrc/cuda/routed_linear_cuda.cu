@@ -1,15 +1,17 @@
 // CUDA kernels of the three ops (TORCH_LIBRARY_IMPL(mass_ext, CUDA)). Two paths, picked
-// from the number of rows N alone (so a captured CUDA graph replays the same launches):
+// from the number of rows N alone (so a captured CUDA graph replays the same launches;
+// launchers.h gives the thresholds and the measurements behind them):
 //
-// * decode (N <= kSelectedMaxRows): memory-bound. The dense part reads W and the stacked V
-//   once (`project`, N <= kProjectMaxRows; cuBLAS above), routing writes the scaled
-//   projections h of the kept slots, and the expand reads only the selected tasks' U_t.
-//   Pre-routed: the shrink reads only the selected tasks' V_t.
-// * large N: compute-bound. x W^T and x V_stacked^T are cuBLAS GEMMs with float32 output
-//   (x V_stacked^T never in TF32); routing is one kernel; the expand is one more GEMM,
-//   H (N, T*r) x U as (T*r, d_out), with H = w * S * z for the selected tasks and 0
-//   elsewhere (dense over the tasks: T/k times the expand's own FLOPs, but on tensor cores
-//   and with no data-dependent sizes; float16 keeps H in float32, beyond its range).
+// * selected tasks (N <= kSelectedMaxRows, or kPreroutedSelectedMaxRows): reads only what
+//   the selection needs. The dense part is cuBLAS (or `project`, one memory-bound pass
+//   over [W; V], for N <= kProjectMaxRows), routing writes the scaled projections h of
+//   the kept slots, and the expand reads only the selected tasks' U_t. Pre-routed: the
+//   shrink reads only the selected tasks' V_t.
+// * dense over tasks (all other N): x W^T and x V_stacked^T are cuBLAS GEMMs with float32
+//   output (x V_stacked^T never in TF32); routing is one kernel; the expand is one more
+//   GEMM, H (N, T*r) x U as (T*r, d_out), with H = w * S * z for the selected tasks and 0
+//   elsewhere (T/k times the expand's own FLOPs, but on tensor cores and with no
+//   data-dependent sizes; float16 keeps H in float32, beyond its range).
 //
 // Every path works for any d_in, d_out, r, T, k and layout; no host synchronisation, no
 // grid sized from data. MASS_EXT_CUDA_PROJECT_MAX_ROWS / MASS_EXT_CUDA_SELECTED_MAX_ROWS
@@ -47,9 +49,10 @@ struct Plan {
   bool selected;  // expand over the selected tasks only (else dense over T, cuBLAS)
 };
 
-Plan plan_for(int64_t N) {
+Plan plan_for(int64_t N, bool prerouted = false) {
   return {N <= threshold_from_env("MASS_EXT_CUDA_PROJECT_MAX_ROWS", kProjectMaxRows),
-          N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS", kSelectedMaxRows)};
+          N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS",
+                                  prerouted ? kPreroutedSelectedMaxRows : kSelectedMaxRows)};
 }
 
 void check_cuda(const at::Tensor& x) {
@@ -222,7 +225,7 @@ at::Tensor routed_linear_prerouted_cuda(
   const auto acc = at::toOpMathType(x.scalar_type());
   const at::Tensor idx = indices.reshape({d.N, k}).contiguous();
   const at::Tensor w = weights.reshape({d.N, k}).to(acc).contiguous();
-  const Plan plan = plan_for(d.N);
+  const Plan plan = plan_for(d.N, /*prerouted=*/true);
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
   // Index values are checked on the device (shrink / dense_h): see shrink_kernel.
   const auto [base, z] = dense_part(rows, weight, V, true, !plan.selected, plan);
