@@ -34,6 +34,10 @@ def machine_info() -> dict:
 
 
 def git_commit() -> str:
+    # The GPU machine's copy of the tree carries the .git of the session's start, not the
+    # commit that was sent: the caller names that one (gpu_check.sh's MASS_EXT_COMMIT).
+    if os.environ.get("MASS_EXT_COMMIT"):
+        return os.environ["MASS_EXT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, check=True).stdout.strip()

@@ -8,7 +8,10 @@
 # (environment and each stage's status), build.log, tests.log, sanitizer.log (memcheck then
 # racecheck), bench.log (bench_gpu.py, then profile_gpu.py), gpu.json, gpu.md, profile.md.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   OUT=/tmp/out MASS_EXT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
+#
+# MASS_EXT_COMMIT: the commit whose tree was sent (the device tool's copy of the tree can
+# carry an older .git); the result files name it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -42,7 +45,7 @@ stage() {
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
-  git rev-parse --short HEAD 2>/dev/null || true
+  echo "commit ${MASS_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   git status --short 2>/dev/null | head -n 20 || true
   nvcc --version | tail -n 2 || true
   nproc

@@ -13,21 +13,22 @@
 namespace mass_ext {
 namespace cuda {
 
-// The paths' thresholds, from benchmarks/bench_gpu.py on an H200 (bf16, 2026-11-30; the
-// table is benchmarks/results/gpu.md), which times each path forced:
+// The paths' thresholds, from benchmarks/bench_gpu.py on an H200 (bf16, d = 4096, T = 8,
+// r = 512, k = 2; 2026-11-30; benchmarks/results/gpu.md), which times each path forced;
+// benchmarks/results/gpu_profile.md says which kernel takes the time:
 // Rows of x up to which the dense part (x W^T, x V_stacked^T) runs in `project` (one
 // memory-bound pass over [W; V]); beyond, in cuBLAS. 0: cuBLAS was as fast or faster at
-// every N measured (N = 1: 66.5 us against 70.3 with the same expand; N = 16: 117 against
-// 295), so `project` runs only when forced (MASS_EXT_CUDA_PROJECT_MAX_ROWS).
+// every N measured (N = 1: 65.6 us against 70.0 with the same expand; N = 16: 117 against
+// 310), so `project` runs only when forced (MASS_EXT_CUDA_PROJECT_MAX_ROWS).
 constexpr int64_t kProjectMaxRows = 0;
 // Rows up to which the self-routed expand reads only the selected tasks' U_t
 // (`expand_selected`); beyond, it is one tensor-core GEMM over all T tasks (`dense_h` +
-// cuBLAS). 0: the dense GEMM won at every N measured (N = 1: 58.6 us against 66.5).
+// cuBLAS). 0: the dense GEMM won at every N measured (N = 1: 57.9 us against 65.6).
 constexpr int64_t kSelectedMaxRows = 0;
 // The same for the pre-routed op, whose selected-tasks path also skips the unselected
-// tasks' V (`shrink`): it won at N = 1 (38.8 us against 46.6) and lost at N = 16 (83.9
-// against 48.4).
-constexpr int64_t kPreroutedSelectedMaxRows = 4;
+// tasks' V (`shrink`): it won at N = 1 (38.2 us against 45.4), tied at N = 2 (45.5
+// against 45.6) and lost from N = 4 on (59.6 against 46.0).
+constexpr int64_t kPreroutedSelectedMaxRows = 1;
 
 // a_out[n, m] = rows[n] . a[m], b_out[n, m] = rows[n] . b[m] (b optional: undefined).
 // rows (N, d_in), a (Ma, d_in), b (Mb, d_in): unit stride along d_in. Outputs (N, M*) acc.
