@@ -296,6 +296,21 @@ def test_nearly_tied_large_residuals_weigh_as_in_float64(T, path):
         assert_routing_self_consistent(got, top_k, weighting="softmax")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_many_tasks_select_in_global_scratch(dtype, path):
+    """T = 6000: the selection's 2 T values exceed the routing kernel's shared-memory budget
+    (routing.cu, kRouteSharedBytes), so it runs in global scratch; same routing rules."""
+    T, r, d_in = 6000, 1, 8
+    layer = make_layer(T, r, d_in, 5, dtype=dtype, seed=90)
+    x = make_x((3, d_in), dtype, seed=91)
+    got = mass_ext.route(to_cuda(x), to_cuda(layer.V), 3, threshold=1e-5, weighting="softmax")
+    got = type(got)(*(t.cpu() for t in got))
+    check_route_against_reference(x, layer.V, 3, threshold=1e-5, weighting="softmax", got=got)
+    out = mass_ext.routed_linear(to_cuda(x), *cuda_params(layer), 3, threshold=1e-5,
+                                 weighting="softmax")
+    assert_output_matches(out.cpu(), x, layer, got.indices, got.weights)
+
+
 @pytest.mark.parametrize("scale", [2.0**70, 2.0**-70])
 def test_scaled_rows_route_like_unscaled(scale, path):
     """Rows whose squares overflow or underflow float32 are redone divided by a power of
