@@ -47,8 +47,9 @@ OPS = torch.ops.mass_ext
 DEV = "cuda"
 
 # The two CUDA paths (csrc/cuda/routed_linear_cuda.cu), forced through the thresholds,
-# so that every shape runs through both: "decode" = the memory-bound kernels (project,
-# selected-tasks shrink and expand), "large" = cuBLAS GEMMs and the dense expand.
+# so that every shape runs through both: "decode" = the selected-tasks path with `project`
+# for the dense part (project, route or shrink, expand_selected), "large" = cuBLAS GEMMs
+# and the dense expand. "default" takes the thresholds of launchers.h.
 PATHS = {
     "default": {},
     "decode": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "1000000",

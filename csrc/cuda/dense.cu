@@ -1,5 +1,6 @@
-// The dense halves at decode sizes: `project` (x against every row of [W; V_stacked] in
-// one memory-bound pass) and `finalize` (base + bias + low-rank terms, rounded once).
+// `project` (x against every row of [W; V_stacked] in one memory-bound pass; slower than
+// cuBLAS on an H200 at every N measured, so it runs only when forced: launchers.h) and
+// `finalize` (base + bias + low-rank terms, rounded once).
 #include <ATen/OpMathType.h>
 
 #include "cuda/common.cuh"

@@ -1,4 +1,5 @@
-// The expand at decode sizes: y[n] += sum over the kept slots j of row n of
+// The selected-tasks expand (the pre-routed op at N = 1 by default, any N when forced:
+// launchers.h): y[n] += sum over the kept slots j of row n of
 // U_{t_j} h[n*k + j], reading only the selected tasks' U_t (each tile of it from DRAM
 // once per block, however many rows of the block selected that task).
 #include <ATen/OpMathType.h>
