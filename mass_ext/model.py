@@ -111,23 +111,20 @@ class _SafetensorsCheckpoint(Mapping):
         self.path = checkpoint_path(path, argument)
         shards = (_shard_map(self.path, argument) if self.path.endswith(".json")
                   else None)
-        self._files, self._file_of = {}, {}     # file -> open handle; key -> handle
+        self._handles = {}  # file -> open handle
         for file in ([self.path] if shards is None else sorted(set(shards.values()))):
             try:
-                self._files[file] = handle = safe_open(file, framework="pt")
+                self._handles[file] = handle = safe_open(file, framework="pt")
                 keys = list(handle.keys())
             except Exception as error:  # safetensors raises several types for a bad file
                 raise self._unreadable(file, error) from error
-            if shards is None:
-                self._file_of = dict.fromkeys(keys, handle)
-            else:
+            if shards is not None:
                 present = set(keys)
                 missing = sorted(k for k, f in shards.items() if f == file and k not in present)
                 if missing:
                     raise ValueError(f"{argument}: the shard {file} lacks {missing[:5]}, which "
                                      f"its index {self.path} places there")
-        if shards is not None:
-            self._file_of = {key: self._files[file] for key, file in shards.items()}
+        self._file_of = shards if shards is not None else dict.fromkeys(keys, self.path)
         self._keys = list(self._file_of)
 
     def _unreadable(self, file: str, error: Exception) -> ValueError:
@@ -135,13 +132,12 @@ class _SafetensorsCheckpoint(Mapping):
                           f".safetensors state dict ({type(error).__name__}: {error})")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        handle = self._file_of.get(key)
-        if handle is None:
+        file = self._file_of.get(key)
+        if file is None:
             raise KeyError(key)
         try:
-            return handle.get_tensor(key)
+            return self._handles[file].get_tensor(key)
         except Exception as error:
-            file = next(f for f, h in self._files.items() if h is handle)
             raise self._unreadable(file, error) from error
 
     def __contains__(self, key) -> bool:  # Mapping's would read the tensor
