@@ -54,7 +54,7 @@ def extension():
         # turns off UBSan's check of it (an index product overflowing int64 is a bug).
         cxx_flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv"] + sanitizers
         link_flags += sanitizers
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = (
         not _flag("MASS_EXT_FORCE_CPU")

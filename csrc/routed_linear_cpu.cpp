@@ -1,5 +1,5 @@
 // CPU kernels. The dense GEMMs (x W^T + b and, when routing, x V_stacked^T) go to
-// ATen/BLAS; the per-row residuals, standardised softmax, top-k, threshold, weights,
+// oneDNN or ATen (cpu/dense_gemm.h); the per-row residuals, standardised softmax, top-k, threshold, weights,
 // the per-task shrink and the expand over the selected tasks are the hand-written
 // loops below, parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
 // Extra memory is O(N * T * r) (the projections), never O(N * T * d); the pre-routed form
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/dense_gemm.h"
 #include "routing.h"
 
 namespace mass_ext {
@@ -223,15 +224,15 @@ at::Tensor row_index(const std::vector<int64_t>& rows) {
 // out = x W^T + b in the accumulation dtype (rows already converted to it).
 at::Tensor dense_base(
     const at::Tensor& rows_acc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const at::Tensor w = weight.to(rows_acc.scalar_type());
-  if (bias.has_value()) return at::addmm(bias->to(rows_acc.scalar_type()), rows_acc, w.t());
-  return at::mm(rows_acc, w.t());
+  c10::optional<at::Tensor> bias_acc;
+  if (bias.has_value()) bias_acc = bias->to(rows_acc.scalar_type());
+  return linear_rows(rows_acc, weight.to(rows_acc.scalar_type()), bias_acc);
 }
 
 // z = x V_stacked^T: (N, T * r), all projections in one GEMM.
 at::Tensor dense_projections(const at::Tensor& rows_acc, const at::Tensor& V) {
   const at::Tensor V_stacked = V.reshape({V.size(0) * V.size(1), V.size(2)});
-  return at::mm(rows_acc, V_stacked.to(rows_acc.scalar_type()).t());
+  return linear_rows(rows_acc, V_stacked.to(rows_acc.scalar_type()), c10::nullopt);
 }
 
 // rescale_exponent (routing.h) of one row.

@@ -1,0 +1,21 @@
+// The CPU kernels' dense GEMMs: rows W^T (+ b) for x W^T + b, x V_stacked^T and the
+// merged groups' weights. float32 goes to oneDNN (the library PyTorch ships for its
+// mkldnn ops) when it is there and the GEMM is large enough: on AMD EPYC, oneDNN's float32
+// GEMM runs at about 2.2x MKL's (benchmarks/bench_cpu_gemm.py), which PyTorch's own
+// matmul uses for float32. Everything else goes to ATen (at::addmm).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace mass_ext {
+namespace cpu {
+
+// rows (M, K) and weight (N, K) of one floating dtype, bias (N) of it or none: (M, N).
+// Bitwise the same for any thread count: oneDNN computes fixed tiles of the output, each
+// on one thread (its own threading may split K, and so the sums, by the thread count).
+at::Tensor linear_rows(
+    const at::Tensor& rows, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+}  // namespace cpu
+}  // namespace mass_ext

@@ -1,0 +1,124 @@
+"""The CPU kernels' dense GEMMs (csrc/cpu/dense_gemm.cpp): oneDNN tiles or ATen.
+
+By default float32 GEMMs of at least 2^22 multiply-adds go to oneDNN, so most of the
+kernel-vs-reference grid (small shapes) runs ATen's; MASS_EXT_CPU_GEMM=onednn / aten
+forces one backend for every size, which these tests use to run the grid through both.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mass_ext
+
+from .cases import CASES, MAIN_DTYPES, PREROUTED_CASES, prerouted_indices
+from .helpers import assert_output_matches, generator, make_layer, make_x, strided_like
+from .test_kernel_vs_reference import _check_case
+
+pytestmark = pytest.mark.skipif(mass_ext.backend() != "cpp", reason="C++ extension not built")
+
+BACKENDS = ["onednn", "aten"]
+
+
+def _onednn_linear():
+    """PyTorch's oneDNN linear, or None where torch was built without mkldnn."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@pytest.fixture(params=BACKENDS)
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", MAIN_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_self_routed_matches_reference_with_each_gemm(case, dtype, gemm):
+    _check_case(case, dtype)
+
+
+@pytest.mark.parametrize("case", PREROUTED_CASES, ids=str)
+def test_prerouted_matches_reference_with_each_gemm(case, gemm):
+    lead, d_in, d_out, T, r, k, bias, layout = case
+    layer = make_layer(T, r, d_in, d_out, bias=bias, seed=5)
+    x = strided_like(make_x((*lead, d_in), seed=6), layout)
+    g = generator(7)
+    indices = prerouted_indices("random", lead, T, k, g)
+    weights = torch.rand(*lead, k, generator=g)
+    assert_output_matches(
+        mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights),
+        x, layer, indices, weights)
+
+
+def _zero_update_layer(rows, d_in, d_out, seed):
+    """A layer whose low-rank update is exactly 0 (S = 0): the op's output is then its
+    dense GEMM x W^T + b, bit for bit."""
+    layer = make_layer(3, 4, d_in, d_out, seed=seed)
+    S = torch.zeros_like(layer.S)
+    x = make_x((rows, d_in), seed=seed + 1)
+    return x, (layer.weight, layer.bias, layer.U, S, layer.V)
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_each_backend_really_runs(monkeypatch):
+    """One output tile: forced oneDNN gives exactly PyTorch's oneDNN linear, forced ATen
+    exactly torch.addmm, and the two differ (so the switch is not a no-op)."""
+    x, params = _zero_update_layer(7, 33, 20, seed=1)
+    W, b = params[0], params[1]
+    outputs = {}
+    for backend in BACKENDS:
+        monkeypatch.setenv("MASS_EXT_CPU_GEMM", backend)
+        outputs[backend] = mass_ext.routed_linear(x, *params, top_k=1)
+    assert torch.equal(outputs["onednn"], _onednn_linear()(x, W, b, "none", [], ""))
+    assert torch.equal(outputs["aten"], torch.addmm(b, x, W.t()))
+    assert not torch.equal(outputs["onednn"], outputs["aten"])
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_large_gemms_take_onednn_by_default(monkeypatch):
+    """Unset, auto: a GEMM above the size floor (here 200 x 512 x 300) runs oneDNN, and a
+    small one (7 x 33 x 20) ATen."""
+    for rows, d_in, d_out in ((200, 512, 300), (7, 33, 20)):
+        x, params = _zero_update_layer(rows, d_in, d_out, seed=2)
+        outputs = {}
+        for backend in ("auto", "onednn", "aten"):
+            monkeypatch.setenv("MASS_EXT_CPU_GEMM", backend)
+            outputs[backend] = mass_ext.routed_linear(x, *params, top_k=1)
+        large = rows * d_in * d_out >= 2 ** 22
+        assert torch.equal(outputs["auto"], outputs["onednn" if large else "aten"])
+        assert not torch.equal(outputs["onednn"], outputs["aten"])
+
+
+def test_many_tiles_with_ragged_edges(monkeypatch):
+    """An output of 16+ tiles whose last row and column tiles are partial, in every
+    dispatch state the model code uses (inference mode, no_grad, autograd)."""
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
+    x, params = _zero_update_layer(301, 70, 1030, seed=3)
+    expected = torch.addmm(params[1].double(), x.double(), params[0].double().t())
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode():
+            out = mass_ext.routed_linear(x, *params, top_k=1)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_do_not_depend_on_the_gemm(monkeypatch):
+    layer = make_layer(4, 8, 96, 80, seed=4)
+    x = make_x((50, 96), seed=5)
+    grads = {}
+    for backend in BACKENDS:
+        monkeypatch.setenv("MASS_EXT_CPU_GEMM", backend)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *layer.params)]
+        mass_ext.routed_linear(*leaves, top_k=2, weighting="softmax").square().sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for a, b in zip(grads["onednn"], grads["aten"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_gemm_setting_is_named(monkeypatch):
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "mkl")
+    layer = make_layer(2, 3, 8, 5, seed=6)
+    with pytest.raises(ValueError, match="MASS_EXT_CPU_GEMM must be auto, onednn or aten, got 'mkl'"):
+        mass_ext.routed_linear(make_x((4, 8), seed=7), *layer.params, top_k=1)
