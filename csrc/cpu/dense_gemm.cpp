@@ -57,13 +57,15 @@ GemmChoice gemm_choice() {
 // kernel (benchmarks/bench_cpu_gemm.py: 8 x 384 x 384 lost, 16 x 768 x 768 won).
 constexpr double kOneDnnMinMacs = 4194304;  // 2^22
 
-// Output tiles: as large as 256 x 512 (each tile is one oneDNN call: ~10 us of set-up
-// against ~0.5 ms of work), halved while there are fewer than kMinTiles, so a decode
-// row's GEMM still spreads over a server's cores. A function of the shape alone, so the
-// reduction order (and every bit of the result) does not depend on the thread count.
+// Output tiles: as large as 256 x 512, halved (columns first) while there are fewer than
+// kMinTiles, so a decode row's GEMM still spreads over a server's cores, but never below
+// kMinTileMacs of work: each tile is one oneDNN call with ~10 us of set-up. A function of
+// the shape alone, so the reduction order (every bit of the result) does not depend on
+// the thread count.
 constexpr int64_t kMaxTileRows = 256, kMaxTileCols = 512;
 constexpr int64_t kMinTileRows = 32, kMinTileCols = 64;
 constexpr int64_t kMinTiles = 16;
+constexpr double kMinTileMacs = 4194304;  // 2^22, ~35 us on one core
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -71,11 +73,18 @@ struct Tiling {
   int64_t rows, cols;
 };
 
-Tiling tiling_for(int64_t M, int64_t N) {
+Tiling tiling_for(int64_t M, int64_t K, int64_t N) {
   Tiling t{std::min(M, kMaxTileRows), std::min(N, kMaxTileCols)};
   auto tiles = [&] { return ceil_div(M, t.rows) * ceil_div(N, t.cols); };
-  while (tiles() < kMinTiles && t.cols >= 2 * kMinTileCols) t.cols = ceil_div(t.cols, 2);
-  while (tiles() < kMinTiles && t.rows >= 2 * kMinTileRows) t.rows = ceil_div(t.rows, 2);
+  auto macs = [&](int64_t rows, int64_t cols) {
+    return static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(K);
+  };
+  while (tiles() < kMinTiles && t.cols >= 2 * kMinTileCols &&
+         macs(t.rows, ceil_div(t.cols, 2)) >= kMinTileMacs)
+    t.cols = ceil_div(t.cols, 2);
+  while (tiles() < kMinTiles && t.rows >= 2 * kMinTileRows &&
+         macs(ceil_div(t.rows, 2), t.cols) >= kMinTileMacs)
+    t.rows = ceil_div(t.rows, 2);
   return t;
 }
 
@@ -96,7 +105,7 @@ at::Tensor onednn_tiles(
     const c10::TypedOperatorHandle<OneDnnLinear>& linear, const at::Tensor& rows,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const int64_t M = rows.size(0), N = weight.size(0);
-  const Tiling tile = tiling_for(M, N);
+  const Tiling tile = tiling_for(M, rows.size(1), N);
   const int64_t col_tiles = ceil_div(N, tile.cols);
   at::Tensor out = at::empty({M, N}, rows.options());
   // The workers call operators: they run in the caller's dispatch state (inference mode).
