@@ -128,3 +128,29 @@ def replace_between_markers(path: str, marker: str, text: str) -> None:
     _, tail = rest.split(end, 1)
     with open(path, "w") as f:
         f.write(head + start + "\n" + text.rstrip() + "\n" + end + tail)
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """nn.Linear whose float32 CPU inference runs oneDNN's GEMM
+    (torch.ops.mkldnn._linear_pointwise), the library mass_ext's CPU op uses for its
+    dense part (csrc/cpu/dense_gemm.cpp); PyTorch's own nn.Linear runs MKL on x86, about
+    2.2x slower on AMD EPYC (benchmarks/bench_cpu_gemm.py). Plain models in the benchmarks
+    use it, so a comparison with mass_ext measures the method, not the GEMM library.
+    Anything else (gradients, other dtypes or devices) runs F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def onednn_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """Every plain nn.Linear of `module` (in place) an OneDnnLinear, where torch has
+    oneDNN; parameters, hooks and state dict keys stay as they are. Returns `module`."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return module
+    for layer in module.modules():
+        if type(layer) is torch.nn.Linear:
+            layer.__class__ = OneDnnLinear
+    return module

@@ -19,6 +19,7 @@ import mass_ext
 from mass_ext import MASS, Routing
 from mass_ext.nn import decorrelate_factors
 
+from .. import common
 from .experts import MAX_LENGTH, batches, encode, mean_pool, tokenize
 from .tasks import Task
 
@@ -166,7 +167,7 @@ def plain_copy(mm: MASS) -> nn.Module:
             linear.bias.data.copy_(layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, child, linear)
-    return plain.eval()
+    return common.onednn_linears(plain).eval()
 
 
 def tsvm_encoder(mm: MASS) -> nn.Module:

@@ -203,6 +203,10 @@ def run(task_names: List[str], scale: float, recipe: Recipe, cache: ExpertCache,
     test = M.make_stream(tasks, "test", tokenizer)
 
     built = build_mass(base, tasks, states, recipe, cache)
+    # Every plain Linear from here on (the base, its copies, the pooler) runs oneDNN's
+    # GEMM, as mass_ext's routed layers do: the latencies compare methods, not libraries.
+    common.onednn_linears(base)
+    common.onednn_linears(built.model)
     routers = choose_router(built, val)
     # The best first pass on validation; a tie goes to the base model (a cheaper pass 1).
     first_pass = max(routers, key=lambda fp: (routers[fp][2], fp == "pretrained"))
