@@ -118,7 +118,7 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: about 0.7-0.9x
 // the low-rank path from 2.5x on). Large batches (prefill, two-pass MASS with top-1) group;
 // decode sizes and per-row weights (softmax) never do.
-constexpr double kMergeFactor = 2.5;
+constexpr double kMergeFactor = 2.0;
 constexpr int64_t kMergeMinRows = 64;
 constexpr int64_t kMergeMinRank = 32;
 

@@ -205,6 +205,16 @@ class RoutedLinear(nn.Module):
                 f"bias={self.bias is not None}, tasks={self.num_tasks}, rank={self.rank}, "
                 f"top_k={self.top_k}, weighting={self.weighting!r}")
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b (pass 1 on the base weights). On CPU in float32 this is the op with
+        no task selected, i.e. its own dense GEMM: oneDNN where it beats the MKL that
+        F.linear runs (about 2.2x on AMD EPYC, csrc/cpu/dense_gemm.cpp); else F.linear."""
+        if x.dtype == torch.float32 and ops.backend(x.device) == "cpp":
+            none = torch.full((*x.shape[:-1], 1), -1, dtype=torch.long)
+            return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
+                                     indices=none, weights=torch.zeros(none.shape))
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = "self" if self.state is None else self.state.mode or self.idle_mode
         if mode == "refuse":
@@ -218,7 +228,7 @@ class RoutedLinear(nn.Module):
             # Recognises a later layer's (B * L, d) input as these tokens flattened.
             self.state.tokens = (x.shape[0], x.shape[1])
         if mode == "base":
-            return F.linear(x, self.weight, self.bias)
+            return self._base(x)
         if mode == "self":
             out, indices, weights = ops.self_routed(
                 x, self.weight, self.bias, self.U, self.S, self.V, self.top_k, self.temperature,

@@ -122,3 +122,25 @@ def test_bad_gemm_setting_is_named(monkeypatch):
     layer = make_layer(2, 3, 8, 5, seed=6)
     with pytest.raises(ValueError, match="MASS_EXT_CPU_GEMM must be auto, onednn or aten, got 'mkl'"):
         mass_ext.routed_linear(make_x((4, 8), seed=7), *layer.params, top_k=1)
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_routed_linear_base_mode_runs_the_op_gemm(monkeypatch):
+    """Pass 1 on the base weights (RoutedLinear's base mode) runs the op's dense GEMM, so
+    it gets oneDNN too: exactly x W^T + b as the op computes it, in any dispatch state."""
+    g = generator(8)
+    linear = torch.nn.Linear(40, 24)
+    deltas = [0.1 * torch.randn(24, 40, generator=g) for _ in range(3)]
+    layer = mass_ext.RoutedLinear.from_linear(linear, deltas, rank=4, are_deltas=True)
+    x = make_x((5, 6, 40), seed=9)
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
+    expected = _onednn_linear()(x, linear.weight, linear.bias, "none", [], "")
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode():
+            assert torch.equal(layer._base(x), expected)
+    grad_x = x.clone().requires_grad_()
+    layer._base(grad_x).sum().backward()
+    torch.testing.assert_close(grad_x.grad, linear.weight.sum(0).expand(5, 6, 40))
+    layer = layer.double()                                   # other dtypes: F.linear
+    torch.testing.assert_close(layer._base(x.double()), torch.nn.functional.linear(
+        x.double(), linear.weight.double(), linear.bias.double()))
