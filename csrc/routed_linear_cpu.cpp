@@ -115,10 +115,11 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // are copied out and its outputs back (unless it is the whole batch), which costs the same
 // for any r: small ranks never pay (r = 16 lost, r = 64 won in a sweep), so a group needs
 // at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
-// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: about 0.7-0.9x
-// the low-rank path from 2.5x on). Large batches (prefill, two-pass MASS with top-1) group;
-// decode sizes and per-row weights (softmax) never do.
-constexpr double kMergeFactor = 2.0;
+// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: about 0.85-1.0x the
+// low-rank path at 3x, 0.75-0.9x at 8x, against large tasks' updates as GEMMs, see
+// update_large_tasks). Large batches (prefill, two-pass MASS with top-1) group; decode
+// sizes and per-row weights (softmax) never do.
+constexpr double kMergeFactor = 3.0;
 constexpr int64_t kMergeMinRows = 64;
 constexpr int64_t kMergeMinRank = 32;
 
@@ -219,6 +220,48 @@ std::vector<MergedGroup> merged_groups(
 
 at::Tensor row_index(const std::vector<int64_t>& rows) {
   return at::tensor(at::IntArrayRef(rows), at::kLong);
+}
+
+// Tasks selected by at least kSegmentMinSlots slots: their update as dense GEMMs over
+// their slots gathered together (linear_rows, so oneDNN where it is faster; the
+// micro-kernels below run at about half its speed), added into their rows. `h` (N * k, r)
+// holds every slot's h = w * S_t * z_t; when undefined (pre-routed), the shrink is a GEMM
+// too: z_t = x V_t^T over the task's rows. Returns the slots left to the micro-kernels.
+// Each task's rows are added in slot order: bitwise the same for any thread count.
+// Extra memory: one task's gathered rows and outputs, O(N * (d_in + d_out)).
+constexpr int64_t kSegmentMinSlots = 64;
+
+TaskGroups update_large_tasks(
+    const TaskGroups& groups, const at::Tensor& rows_acc, const at::Tensor& h,
+    const at::Tensor& slot_weights, const at::Tensor& U, const at::Tensor& S,
+    const at::Tensor& V, const LayerDims& d, at::Tensor& out) {
+  const at::ScalarType acc_type = out.scalar_type();
+  TaskGroups rest;
+  rest.offsets.assign(d.T + 1, 0);
+  for (int64_t t = 0; t < d.T; ++t) {
+    const int64_t begin = groups.offsets[t], end = groups.offsets[t + 1];
+    if (end - begin >= kSegmentMinSlots && d.r > 0) {
+      const std::vector<int64_t> rows(groups.rows.begin() + begin, groups.rows.begin() + end);
+      const std::vector<int64_t> slots(groups.slots.begin() + begin, groups.slots.begin() + end);
+      const at::Tensor row_ids = row_index(rows), slot_ids = row_index(slots);
+      at::Tensor h_t;
+      if (h.defined()) {
+        h_t = h.index_select(0, slot_ids);
+      } else {
+        const at::Tensor z_t = linear_rows(rows_acc.index_select(0, row_ids),
+                                           V.select(0, t).to(acc_type).contiguous(), c10::nullopt);
+        h_t = z_t * S.select(0, t).to(acc_type).unsqueeze(0) *
+              slot_weights.reshape({-1}).index_select(0, slot_ids).unsqueeze(1);
+      }
+      out.index_add_(0, row_ids,
+                     linear_rows(h_t, U.select(0, t).to(acc_type).contiguous(), c10::nullopt));
+    } else {
+      rest.slots.insert(rest.slots.end(), groups.slots.begin() + begin, groups.slots.begin() + end);
+      rest.rows.insert(rest.rows.end(), groups.rows.begin() + begin, groups.rows.begin() + end);
+    }
+    rest.offsets[t + 1] = static_cast<int64_t>(rest.slots.size());
+  }
+  return rest;
 }
 
 // out = x W^T + b in the accumulation dtype (rows already converted to it).
@@ -388,8 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), nullptr,
           h.mutable_data_ptr<acc_t>());
     });
-    const TaskGroups groups =
-        group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k);
+    const TaskGroups groups = update_large_tasks(
+        group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k), rows,
+        h, weights, U, S, V, d, out);
     expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c, groups, d,
                                  out.mutable_data_ptr<acc_t>());
   });
@@ -458,13 +502,14 @@ at::Tensor routed_linear_prerouted_cpu(
         d.T, "), got ", idx_data[s], " at row ", s / top_k, ", slot ", s % top_k);
   }
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
+  const at::Tensor rows_acc = rows.to(acc_type);
   const std::vector<MergedGroup> merged = merged_groups(idx_data, w, d, top_k);
   at::Tensor low_rank_idx = idx;  // the slots the shrink and expand below still serve
-  at::Tensor out = dense_part(rows.to(acc_type), weight, bias, U, S, V, merged, top_k,
-                              low_rank_idx);
+  at::Tensor out = dense_part(rows_acc, weight, bias, U, S, V, merged, top_k, low_rank_idx);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
-  const TaskGroups groups = group_slots_by_task(low_rank_idx.const_data_ptr<int64_t>(),
-                                                d.N * top_k, d.T, top_k);
+  const TaskGroups groups = update_large_tasks(
+      group_slots_by_task(low_rank_idx.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k),
+      rows_acc, at::Tensor(), w, U, S, V, d, out);
 
   // Shrink work items: (task, run of <= 48 slots, <= 16 rank rows), so that even one
   // row (decode) spreads over the cores.
