@@ -9,7 +9,10 @@ sample i -> the (i mod C(T, 2))-th pair of tasks, with weights 1 (MASS's default
 "uniform") or, as weighting="softmax" gives, weights that differ per sample.
 
 Providers, taking turns every round:
-  base        one forward of the plain base model
+  base        one forward of the plain base model, its Linear layers on oneDNN's GEMM as
+              mass_ext's CPU op computes its dense part (common.OneDnnLinear)
+  base_torch  the same with PyTorch's own nn.Linear (MKL on x86: about 2.2x slower GEMMs
+              on AMD EPYC, benchmarks/bench_cpu_gemm.py)
   mass        MASS: pass 1 up to the router layer + route (mm.route), then pass 2 with the
               mixed routing (mm.run): every routed layer runs the pre-routed op, one batch
   reference   the reference MASS second pass: the same pass 1, then per group of samples
@@ -113,6 +116,9 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
     built = mass_ext.MASS.from_finetuned(base, synthetic_experts(base, T),
                                          router_layer=ROUTER_LAYER, pooling="mean",
                                          progress=False).eval()
+    base_torch = copy.deepcopy(base)
+    common.onednn_linears(base)          # the reference's model copies inherit it
+    common.onednn_linears(built.model)   # the Linear layers left unrouted (the pooler)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, base.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
@@ -137,6 +143,7 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
                                        atol=2e-3, rtol=2e-3)
             times = common.time_interleaved(
                 {"base": lambda: base(input_ids=ids, attention_mask=mask),
+                 "base_torch": lambda: base_torch(input_ids=ids, attention_mask=mask),
                  "mass": mass_two_pass, "reference": reference_two_pass},
                 rounds, min_run_time)
         groups = len({(tuple(i), tuple(w)) for i, w in zip(mixed.indices.tolist(),
@@ -149,6 +156,7 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
             "rounds": rounds,
             "median_ms": {p: 1e3 * sorted(t)[len(t) // 2] for p, t in times.items()},
             "ratios": {"mass/base": common.ratio_stats(times["mass"], times["base"]),
+                       "mass/base_torch": common.ratio_stats(times["mass"], times["base_torch"]),
                        "reference/mass": common.ratio_stats(times["reference"], times["mass"])}})
     return {"machine": common.machine_info(), "backend": mass_ext.backend(),
             "date": datetime.date.today().isoformat(), "rows": rows}
@@ -164,8 +172,9 @@ def markdown(result: dict) -> str:
         "",
         "| top-k | weights | groups (task set and weights) in the batch "
         "| two-pass MASS / base forward "
-        "| reference (grouped, materialised) / two-pass MASS | base | MASS | reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| reference (grouped, materialised) / two-pass MASS "
+        "| two-pass MASS / base forward with PyTorch's nn.Linear | base | MASS | reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         r = row["ratios"]
@@ -173,7 +182,9 @@ def markdown(result: dict) -> str:
             f"| {row['top_k']} | {row['weighting']} | {row['groups']} "
             f"| {r['mass/base']['median']:.2f} [{r['mass/base']['min']:.2f}-{r['mass/base']['max']:.2f}] "
             f"| {r['reference/mass']['median']:.2f} [{r['reference/mass']['min']:.2f}-"
-            f"{r['reference/mass']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
+            f"{r['reference/mass']['max']:.2f}] "
+            f"| {r['mass/base_torch']['median']:.2f} [{r['mass/base_torch']['min']:.2f}-"
+            f"{r['mass/base_torch']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
             f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['reference']:.0f} ms |")
     return "\n".join(lines) + "\n"
 
