@@ -115,11 +115,13 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // are copied out and its outputs back (unless it is the whole batch), which costs the same
 // for any r: small ranks never pay (r = 16 lost, r = 64 won in a sweep), so a group needs
 // at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
-// d_in * d_out / (d_in + d_out) (benchmarks/bench_merged_groups.py: about 0.85-1.0x the
-// low-rank path at 3x, 0.75-0.9x at 8x, against large tasks' updates as GEMMs, see
-// update_large_tasks). Large batches (prefill, two-pass MASS with top-1) group; decode
-// sizes and per-row weights (softmax) never do.
-constexpr double kMergeFactor = 3.0;
+// d_in * d_out / (d_in + d_out). Against large tasks' updates as GEMMs (update_large_tasks)
+// benchmarks/bench_merged_groups.py found merging about even at 1.5-2x (1.0-1.1x the time)
+// and ahead from 3x (0.85-1.0x; 0.75-0.9x at 8x), while bench_model.py's top-1 batch (820
+// rows per task) ran 14% faster merging from 1.5x than from 3x: the model decides. Large
+// batches (prefill, two-pass MASS with top-1) group; decode sizes and per-row weights
+// (softmax) never do.
+constexpr double kMergeFactor = 1.5;
 constexpr int64_t kMergeMinRows = 64;
 constexpr int64_t kMergeMinRank = 32;
 
