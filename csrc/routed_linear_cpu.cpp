@@ -117,8 +117,9 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
 // d_in * d_out / (d_in + d_out). Against large tasks' updates as GEMMs (update_large_tasks)
 // benchmarks/bench_merged_groups.py found merging about even at 1.5-2x (1.0-1.1x the time)
-// and ahead from 3x (0.85-1.0x; 0.75-0.9x at 8x), while bench_model.py's top-1 batch (820
-// rows per task) ran 14% faster merging from 1.5x than from 3x: the model decides. Large
+// and ahead from 3x (0.85-1.0x; 0.75-0.9x at 8x). bench_model.py's top-1 batch (820 rows
+// per task, between the two for its MLP layers) timed 922 ms from 1.5x and 1066 ms from 3x
+// in 2-round runs, but 1099 ms from 1.5x in the full run: not settled (README). Large
 // batches (prefill, two-pass MASS with top-1) group; decode sizes and per-row weights
 // (softmax) never do.
 constexpr double kMergeFactor = 1.5;
