@@ -105,13 +105,9 @@ def main() -> None:
     args = parser.parse_args()
     rounds, min_run_time = (3, 0.02) if args.quick else (7, 0.1)
     result = run(rounds, min_run_time)
-    common.write_json(os.path.join(args.out, "merged_groups.json"), result)
     table = markdown(result)
-    with open(os.path.join(args.out, "merged_groups.md"), "w") as f:
-        f.write(table)
-    if not args.quick:
-        common.replace_between_markers(os.path.join(common.ROOT, "README.md"), "bench:merged",
-                                       table)
+    common.write_results(args.out, "merged_groups", result, table,
+                         readme_marker=None if args.quick else "bench:merged")
     print()
     print(table)
 

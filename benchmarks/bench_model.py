@@ -196,12 +196,9 @@ def main() -> None:
     args = parser.parse_args()
     rounds, min_run_time = (2, 0.01) if args.quick else (5, 0.5)
     result = run(rounds, min_run_time, T=5, batch=64, length=64)
-    common.write_json(os.path.join(args.out, "model.json"), result)
     table = markdown(result)
-    with open(os.path.join(args.out, "model.md"), "w") as f:
-        f.write(table)
-    if not args.quick:
-        common.replace_between_markers(os.path.join(common.ROOT, "README.md"), "bench:model", table)
+    common.write_results(args.out, "model", result, table,
+                         readme_marker=None if args.quick else "bench:model")
     print(table)
 
 

@@ -154,3 +154,13 @@ def onednn_linears(module: torch.nn.Module) -> torch.nn.Module:
         if type(layer) is torch.nn.Linear:
             layer.__class__ = OneDnnLinear
     return module
+
+
+def write_results(out_dir: str, name: str, result: dict, table: str, readme_marker=None) -> None:
+    """`name`.json (the raw rows) and `name`.md (the table) under out_dir; with
+    readme_marker, the table also replaces README.md's between its markers."""
+    write_json(os.path.join(out_dir, f"{name}.json"), result)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    if readme_marker:
+        replace_between_markers(os.path.join(ROOT, "README.md"), readme_marker, table)

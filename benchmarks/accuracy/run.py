@@ -7,7 +7,7 @@ themselves, the base encoder, static merges (weight averaging, task arithmetic, 
 MASS two-pass (top-1 and top-k) and per-layer through mass_ext, and the reference MASS
 second pass. Prints the table and writes accuracy.{json,md,png} (and the README table).
 
-    python -m benchmarks.accuracy.run            # the full experiment (6-11 min cold, 3-6 cached)
+    python -m benchmarks.accuracy.run            # the full experiment (6-11 min cold, 2-6 cached)
     python -m benchmarks.accuracy.run --quick    # 2 tasks, tiny splits: a smoke run
 """
 from __future__ import annotations
