@@ -1,7 +1,8 @@
 // CPU kernels. The dense GEMMs (x W^T + b and, when routing, x V_stacked^T) go to
-// oneDNN or ATen (cpu/dense_gemm.h); the per-row residuals, standardised softmax, top-k, threshold, weights,
-// the per-task shrink and the expand over the selected tasks are the hand-written
-// loops below, parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
+// oneDNN or ATen (cpu/dense_gemm.h); the per-row residuals, standardised softmax, top-k,
+// threshold, weights, the per-task shrink and the expand over the selected tasks (but
+// for tasks with many slots, see update_large_tasks) are the hand-written loops below,
+// parallel over rows or output columns, vectorised in cpu/lowrank_tiles.h.
 // Extra memory is O(N * T * r) (the projections), never O(N * T * d); the pre-routed form
 // may also hold one merged d_out x d_in weight at a time and copies of a group's rows and
 // outputs, O(N * (d_in + d_out)) (see merged_groups).
@@ -221,43 +222,31 @@ std::vector<MergedGroup> merged_groups(
   return groups;
 }
 
-at::Tensor row_index(const std::vector<int64_t>& rows) {
-  return at::tensor(at::IntArrayRef(rows), at::kLong);
+at::Tensor row_index(at::IntArrayRef rows) {
+  return at::tensor(rows, at::kLong);
 }
 
-// Tasks selected by at least kSegmentMinSlots slots: their update as dense GEMMs over
-// their slots gathered together (linear_rows, so oneDNN where it is faster; the
-// micro-kernels below run at about half its speed), added into their rows. `h` (N * k, r)
-// holds every slot's h = w * S_t * z_t; when undefined (pre-routed), the shrink is a GEMM
-// too: z_t = x V_t^T over the task's rows. Returns the slots left to the micro-kernels.
-// Each task's rows are added in slot order: bitwise the same for any thread count.
-// Extra memory: one task's gathered rows and outputs, O(N * (d_in + d_out)).
+// Tasks selected by at least kSegmentMinSlots slots: their update U_t h as a dense GEMM
+// over their slots gathered together (linear_rows, so oneDNN where it is faster; the
+// micro-kernels below run at about half its speed), added into their rows in slot order
+// (bitwise the same for any thread count). slot_h(t, row_ids, slot_ids) gives the
+// slots' h (slots, r) in the accumulation dtype. Returns the slots left to the
+// micro-kernels. Extra memory: one task's gathered rows and outputs, O(N * (d_in + d_out)).
 constexpr int64_t kSegmentMinSlots = 64;
 
-TaskGroups update_large_tasks(
-    const TaskGroups& groups, const at::Tensor& rows_acc, const at::Tensor& h,
-    const at::Tensor& slot_weights, const at::Tensor& U, const at::Tensor& S,
-    const at::Tensor& V, const LayerDims& d, at::Tensor& out) {
-  const at::ScalarType acc_type = out.scalar_type();
+template <typename SlotH>
+TaskGroups update_large_tasks(const TaskGroups& groups, const at::Tensor& U, const LayerDims& d,
+                              at::Tensor& out, const SlotH& slot_h) {
   TaskGroups rest;
   rest.offsets.assign(d.T + 1, 0);
   for (int64_t t = 0; t < d.T; ++t) {
     const int64_t begin = groups.offsets[t], end = groups.offsets[t + 1];
     if (end - begin >= kSegmentMinSlots && d.r > 0) {
-      const std::vector<int64_t> rows(groups.rows.begin() + begin, groups.rows.begin() + end);
-      const std::vector<int64_t> slots(groups.slots.begin() + begin, groups.slots.begin() + end);
-      const at::Tensor row_ids = row_index(rows), slot_ids = row_index(slots);
-      at::Tensor h_t;
-      if (h.defined()) {
-        h_t = h.index_select(0, slot_ids);
-      } else {
-        const at::Tensor z_t = linear_rows(rows_acc.index_select(0, row_ids),
-                                           V.select(0, t).to(acc_type).contiguous(), c10::nullopt);
-        h_t = z_t * S.select(0, t).to(acc_type).unsqueeze(0) *
-              slot_weights.reshape({-1}).index_select(0, slot_ids).unsqueeze(1);
-      }
-      out.index_add_(0, row_ids,
-                     linear_rows(h_t, U.select(0, t).to(acc_type).contiguous(), c10::nullopt));
+      const at::Tensor row_ids = row_index({groups.rows.data() + begin, groups.rows.data() + end});
+      const at::Tensor slot_ids =
+          row_index({groups.slots.data() + begin, groups.slots.data() + end});
+      const at::Tensor U_t = U.select(0, t).to(out.scalar_type()).contiguous();
+      out.index_add_(0, row_ids, linear_rows(slot_h(t, row_ids, slot_ids), U_t, c10::nullopt));
     } else {
       rest.slots.insert(rest.slots.end(), groups.slots.begin() + begin, groups.slots.begin() + end);
       rest.rows.insert(rest.rows.end(), groups.rows.begin() + begin, groups.rows.begin() + end);
@@ -434,9 +423,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), nullptr,
           h.mutable_data_ptr<acc_t>());
     });
+    // h holds every kept slot's w * S_t * z_t already.
     const TaskGroups groups = update_large_tasks(
-        group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k), rows,
-        h, weights, U, S, V, d, out);
+        group_slots_by_task(indices.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k), U, d,
+        out, [&](int64_t, const at::Tensor&, const at::Tensor& slot_ids) {
+          return h.index_select(0, slot_ids);
+        });
     expand_into<acc_t, scalar_t>(h.const_data_ptr<acc_t>(), U_c, groups, d,
                                  out.mutable_data_ptr<acc_t>());
   });
@@ -510,9 +502,15 @@ at::Tensor routed_linear_prerouted_cpu(
   at::Tensor low_rank_idx = idx;  // the slots the shrink and expand below still serve
   at::Tensor out = dense_part(rows_acc, weight, bias, U, S, V, merged, top_k, low_rank_idx);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
+  // The shrink of a large task is a GEMM too: h = w * S_t * (x V_t^T) over its rows.
   const TaskGroups groups = update_large_tasks(
-      group_slots_by_task(low_rank_idx.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k),
-      rows_acc, at::Tensor(), w, U, S, V, d, out);
+      group_slots_by_task(low_rank_idx.const_data_ptr<int64_t>(), d.N * top_k, d.T, top_k), U,
+      d, out, [&](int64_t t, const at::Tensor& row_ids, const at::Tensor& slot_ids) {
+        const at::Tensor z_t = linear_rows(rows_acc.index_select(0, row_ids),
+                                           V.select(0, t).to(acc_type).contiguous(), c10::nullopt);
+        return z_t * S.select(0, t).to(acc_type).unsqueeze(0) *
+               w.reshape({-1}).index_select(0, slot_ids).unsqueeze(1);
+      });
 
   // Shrink work items: (task, run of <= 48 slots, <= 16 rank rows), so that even one
   // row (decode) spreads over the cores.
