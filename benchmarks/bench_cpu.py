@@ -103,7 +103,7 @@ def markdown(result: dict) -> str:
         for name in ("fused/floor_cat", "fused_rowU/floor_cat", "prerouted_k1/floor_base",
                      "loop/fused", "reference/fused"):
             s = row["ratios"][name]
-            cells.append(f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]")
+            cells.append(common.ratio_cell(s))
         lines.append(f"| {row['d_in']} | {row['T']} | {row['r']} | {row['k']} | {row['N']} | "
                      + " | ".join(cells) + f" | {row['median_us']['fused']:.0f} us |")
     return "\n".join(lines) + "\n"

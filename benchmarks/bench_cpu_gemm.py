@@ -12,7 +12,6 @@ Writes benchmarks/results/cpu_gemm.{json,md} and refreshes the table in README.m
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -99,25 +98,14 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|" + "---|" * len(names),
     ]
     for row in result["rows"]:
-        cells = [f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
-                 for s in row["ratios"].values()]
+        cells = [common.ratio_cell(s) for s in row["ratios"].values()]
         lines.append(f"| {row['N']} | {row['d_in']} x {row['d_out']} | {row['T']} | {row['r']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms per provider")
-    parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results"))
-    args = parser.parse_args()
-    rounds, min_run_time = (3, 0.02) if args.quick else (7, 0.1)
-    result = run(rounds, min_run_time)
-    table = markdown(result)
-    common.write_results(args.out, "cpu_gemm", result, table,
-                         readme_marker=None if args.quick else "bench:gemm")
-    print()
-    print(table)
+    common.bench_main(__doc__, "cpu_gemm", "bench:gemm", run, markdown)
 
 
 if __name__ == "__main__":

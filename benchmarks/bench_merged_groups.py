@@ -16,7 +16,6 @@ Writes benchmarks/results/merged_groups.{json,md} and refreshes the table in REA
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -90,8 +89,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        cells = [f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
-                 for s in row["ratios"].values()]
+        cells = [common.ratio_cell(s) for s in row["ratios"].values()]
         lines.append(f"| {row['d_in']} x {row['d_out']} | {row['T']} | {row['r']} | "
                      f"{row['rows_per_task']} ({row['break_even_multiple']}x) | "
                      + " | ".join(cells) + " |")
@@ -99,17 +97,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 ms per provider")
-    parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results"))
-    args = parser.parse_args()
-    rounds, min_run_time = (3, 0.02) if args.quick else (7, 0.1)
-    result = run(rounds, min_run_time)
-    table = markdown(result)
-    common.write_results(args.out, "merged_groups", result, table,
-                         readme_marker=None if args.quick else "bench:merged")
-    print()
-    print(table)
+    common.bench_main(__doc__, "merged_groups", "bench:merged", run, markdown)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Writes benchmarks/results/model.json and model.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import itertools
@@ -180,26 +179,17 @@ def markdown(result: dict) -> str:
         r = row["ratios"]
         lines.append(
             f"| {row['top_k']} | {row['weighting']} | {row['groups']} "
-            f"| {r['mass/base']['median']:.2f} [{r['mass/base']['min']:.2f}-{r['mass/base']['max']:.2f}] "
-            f"| {r['reference/mass']['median']:.2f} [{r['reference/mass']['min']:.2f}-"
-            f"{r['reference/mass']['max']:.2f}] "
-            f"| {r['mass/base_torch']['median']:.2f} [{r['mass/base_torch']['min']:.2f}-"
-            f"{r['mass/base_torch']['max']:.2f}] | {row['median_ms']['base']:.0f} ms "
+            f"| {common.ratio_cell(r['mass/base'])} | {common.ratio_cell(r['reference/mass'])} "
+            f"| {common.ratio_cell(r['mass/base_torch'])} | {row['median_ms']['base']:.0f} ms "
             f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['reference']:.0f} ms |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results"))
-    args = parser.parse_args()
-    rounds, min_run_time = (2, 0.01) if args.quick else (5, 0.5)
-    result = run(rounds, min_run_time, T=5, batch=64, length=64)
-    table = markdown(result)
-    common.write_results(args.out, "model", result, table,
-                         readme_marker=None if args.quick else "bench:model")
-    print(table)
+    common.bench_main(__doc__, "model", "bench:model",
+                      lambda rounds, min_run_time: run(rounds, min_run_time, T=5, batch=64,
+                                                       length=64),
+                      markdown, quick=(2, 0.01), full=(5, 0.5))
 
 
 if __name__ == "__main__":

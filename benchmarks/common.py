@@ -156,11 +156,30 @@ def onednn_linears(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def write_results(out_dir: str, name: str, result: dict, table: str, readme_marker=None) -> None:
-    """`name`.json (the raw rows) and `name`.md (the table) under out_dir; with
-    readme_marker, the table also replaces README.md's between its markers."""
-    write_json(os.path.join(out_dir, f"{name}.json"), result)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+def ratio_cell(stats: dict) -> str:
+    """A ratio_stats result as a table cell: median [min-max]."""
+    return f"{stats['median']:.2f} [{stats['min']:.2f}-{stats['max']:.2f}]"
+
+
+def bench_main(doc: str, name: str, readme_marker: str, run, markdown,
+               quick=(3, 0.02), full=(7, 0.1)) -> None:
+    """A benchmark script's command line: run(rounds, min_run_time) with the `quick` or
+    `full` settings, then `name`.json (the raw rows) and `name`.md (markdown(result))
+    under --out and, unless --quick, the table in README.md between readme_marker's
+    markers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{quick[0]} rounds of {quick[1] * 1e3:.0f} ms per provider")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    result = run(*(quick if args.quick else full))
+    table = markdown(result)
+    write_json(os.path.join(args.out, f"{name}.json"), result)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
-    if readme_marker:
+    if not args.quick:
         replace_between_markers(os.path.join(ROOT, "README.md"), readme_marker, table)
+    print()
+    print(table)
