@@ -11,7 +11,7 @@ sample i -> the (i mod C(T, 2))-th pair of tasks, with weights 1 (MASS's default
 Providers, taking turns every round:
   base        one forward of the plain base model, its Linear layers on oneDNN's GEMM as
               mass_ext's CPU op computes its dense part (common.OneDnnLinear)
-  base_torch  the same with PyTorch's own nn.Linear (MKL on x86: about 2.2x slower GEMMs
+  base_torch  the same with PyTorch's own nn.Linear (MKL on x86: 2.1-2.3x slower GEMMs
               on AMD EPYC, benchmarks/bench_cpu_gemm.py)
   mass        MASS: pass 1 up to the router layer + route (mm.route), then pass 2 with the
               mixed routing (mm.run): every routed layer runs the pre-routed op, one batch

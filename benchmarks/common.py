@@ -133,9 +133,10 @@ def replace_between_markers(path: str, marker: str, text: str) -> None:
 class OneDnnLinear(torch.nn.Linear):
     """nn.Linear whose float32 CPU inference runs oneDNN's GEMM
     (torch.ops.mkldnn._linear_pointwise), the library mass_ext's CPU op uses for its
-    dense part (csrc/cpu/dense_gemm.cpp); PyTorch's own nn.Linear runs MKL on x86, about
-    2.2x slower on AMD EPYC (benchmarks/bench_cpu_gemm.py). Plain models in the benchmarks
-    use it, so a comparison with mass_ext measures the method, not the GEMM library.
+    dense part (csrc/cpu/dense_gemm.cpp); PyTorch's own nn.Linear runs MKL on x86,
+    2.1-2.3x slower on AMD EPYC from 64 rows on (benchmarks/bench_cpu_gemm.py). Plain
+    models in the benchmarks use it, so a comparison with mass_ext measures the method,
+    not the GEMM library.
     Anything else (gradients, other dtypes or devices) runs F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ class RoutedLinear(nn.Module):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b (pass 1 on the base weights). On CPU in float32 this is the op with
         no task selected, i.e. its own dense GEMM: oneDNN where it beats the MKL that
-        F.linear runs (about 2.2x on AMD EPYC, csrc/cpu/dense_gemm.cpp); else F.linear."""
+        F.linear runs (2.1-2.3x on AMD EPYC, csrc/cpu/dense_gemm.cpp); else F.linear."""
         if x.dtype == torch.float32 and ops.backend(x.device) == "cpp":
             none = torch.full((*x.shape[:-1], 1), -1, dtype=torch.long)
             return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,

@@ -1,8 +1,9 @@
-// The CPU kernels' dense GEMMs: rows W^T (+ b) for x W^T + b, x V_stacked^T and the
-// merged groups' weights. float32 goes to oneDNN (the library PyTorch ships for its
-// mkldnn ops) when it is there and the GEMM is large enough: on AMD EPYC, oneDNN's float32
-// GEMM runs at about 2.2x MKL's (benchmarks/bench_cpu_gemm.py), which PyTorch's own
-// matmul uses for float32. Everything else goes to ATen (at::addmm).
+// The CPU kernels' dense GEMMs: rows W^T (+ b) for x W^T + b, x V_stacked^T, the merged
+// groups' weights and the large tasks' updates. float32 goes to oneDNN (the library
+// PyTorch ships for its mkldnn ops) when it is there and the GEMM is large enough: on AMD
+// EPYC, oneDNN's float32 GEMM runs at 2.1-2.3x the speed of MKL's, which PyTorch's own
+// matmul uses, from 64 rows on (benchmarks/bench_cpu_gemm.py). Everything else goes to
+// ATen (at::addmm).
 #pragma once
 
 #include <ATen/core/Tensor.h>
