@@ -188,6 +188,7 @@ void accumulate_expand(const at::Tensor& base, const at::Tensor& H, at::Tensor U
 }
 
 // out = base + bias + the low-rank terms, for the slots in (indices, weights) (N, k).
+// The dense path adds its terms into `base` in place (accumulate_expand): base is spent.
 // `h` (N*k, r) for the selected-tasks path, `z` (N, T*r) for the dense one.
 at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& U, const at::Tensor& S, const at::Tensor& indices,

@@ -67,28 +67,37 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
     acc_t* probs = logits + T;
     const scalar_t* row = x + n * x_stride;
     const acc_t* z_row = z + n * T * r;
-    // 16-byte loads, unrolled: one row is latency-bound (one scalar load after another
-    // took 10.9 us at d_in = 4096, N = 1 on an H200).
-    acc_t sum = 0;
-    if (x_vec) {
-      constexpr int V = Vec<scalar_t>::kSize;
+    // Sum of squares of the row divided by 2^shift (exact), in one order for both passes:
+    // a rescaled row's norm is then exactly 2^-2 shift times the plain one (README,
+    // "Magnitudes"). 16-byte loads, unrolled: one row is latency-bound (one scalar load
+    // after another took 10.9 us at d_in = 4096, N = 1 on an H200).
+    auto sum_squares = [&](int shift) {
+      acc_t sum = 0;
+      if (x_vec) {
+        constexpr int V = Vec<scalar_t>::kSize;
 #pragma unroll 4
-      for (int64_t i = int64_t(threadIdx.x) * V; i < d_in; i += int64_t(blockDim.x) * V) {
-        acc_t v[V];
-        load_vec(row + i, v);
+        for (int64_t i = int64_t(threadIdx.x) * V; i < d_in; i += int64_t(blockDim.x) * V) {
+          acc_t v[V];
+          load_vec(row + i, v);
 #pragma unroll
-        for (int el = 0; el < V; ++el) sum += v[el] * v[el];
-      }
-    } else {
+          for (int el = 0; el < V; ++el) {
+            const acc_t u = shift != 0 ? std::ldexp(v[el], -shift) : v[el];
+            sum += u * u;
+          }
+        }
+      } else {
 #pragma unroll 4
-      for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
-        const acc_t v = static_cast<acc_t>(row[i]);
-        sum += v * v;
+        for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
+          const acc_t v = static_cast<acc_t>(row[i]);
+          const acc_t u = shift != 0 ? std::ldexp(v, -shift) : v;
+          sum += u * u;
+        }
       }
-    }
+      return sum;
+    };
     // Its barriers also order the previous row's reads of the shared slots before this
     // row's writes.
-    acc_t x_norm2 = block_reduce<false>(sum, partial);
+    acc_t x_norm2 = block_reduce<false>(sum_squares(0), partial);
     int e = 0;
     if (norm2_needs_rescale(x_norm2)) {  // the same value in every thread: uniform branch
       acc_t max_abs = 0;
@@ -101,14 +110,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(
       max_abs = block_reduce<true>(max_abs, partial);
       finite = __syncthreads_and(finite);
       e = rescale_exponent(max_abs, finite);
-      if (e != 0) {
-        sum = 0;
-        for (int64_t i = threadIdx.x; i < d_in; i += blockDim.x) {
-          const acc_t v = std::ldexp(static_cast<acc_t>(row[i]), -e);
-          sum += v * v;
-        }
-        x_norm2 = block_reduce<false>(sum, partial);
-      }
+      if (e != 0) x_norm2 = block_reduce<false>(sum_squares(e), partial);
     }
     for (int64_t t = warp; t < T; t += warps) {  // a warp per task
       acc_t z_norm2 = 0;
