@@ -155,16 +155,13 @@ void accumulate_expand(const at::Tensor& base, const at::Tensor& H, at::Tensor U
   const double one_d = 1.0;
   const void* one = &one_f;
   cudaDataType operand_type = CUDA_R_32F, out_type = CUDA_R_32F;
-  cublasComputeType_t compute = at::globalContext().allowTF32CuBLAS()
-                                    ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                    : CUBLAS_COMPUTE_32F;
+  // As at::mm decides: the global setting, unless a NoTF32Guard is active.
+  const bool tf32 =
+      at::globalContext().allowTF32CuBLAS() && !at::NoTF32Guard::should_disable_tf32();
+  cublasComputeType_t compute = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   switch (H.scalar_type()) {
     case at::kBFloat16:
       operand_type = CUDA_R_16BF;
-      compute = CUBLAS_COMPUTE_32F;
-      break;
-    case at::kHalf:
-      operand_type = CUDA_R_16F;
       compute = CUBLAS_COMPUTE_32F;
       break;
     case at::kDouble:
