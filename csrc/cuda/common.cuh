@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -116,6 +117,26 @@ __device__ __forceinline__ void lane_dots(
 inline int64_t grid_for(int64_t work, int64_t per_block, int64_t max_blocks = 65535) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   return blocks < max_blocks ? blocks : max_blocks;
+}
+
+// A launch over an (N, cols) matrix with no per-element division (a 64-bit `/` or `%`
+// per element cost more than the memory traffic of dense_h and finalize: 2026-11-30,
+// benchmarks/results/gpu_profile.md): threadIdx.x and blockIdx.x walk the columns,
+// threadIdx.y and blockIdx.y (grid-stride) the rows. Narrow matrices get several rows per
+// block. A function of shapes only.
+struct RowTiles {
+  dim3 grid, block;
+};
+
+inline RowTiles row_tiles(int64_t N, int64_t cols, int64_t max_threads = 256) {
+  const int64_t warps = (cols + kWarp - 1) / kWarp;
+  const int64_t tx = std::min<int64_t>(max_threads, std::max<int64_t>(1, warps) * kWarp);
+  const int64_t ty = max_threads / tx;
+  const int64_t gx = (cols + tx - 1) / tx;
+  const int64_t gy = std::min<int64_t>((N + ty - 1) / ty, 65535);
+  TORCH_CHECK(gx <= INT32_MAX, "row_tiles: too many columns (", cols, ")");
+  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+          dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty))};
 }
 
 }  // namespace cuda

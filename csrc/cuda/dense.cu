@@ -51,17 +51,23 @@ __global__ void __launch_bounds__(kProjectWarps * kWarp) project_kernel(
   }
 }
 
+// Over row_tiles: the bias of a column is read once per thread, not per element.
 template <typename scalar_t, typename acc_t>
 __global__ void finalize_kernel(
     const acc_t* __restrict__ base,    // [N, d_out]
     const scalar_t* __restrict__ bias, int64_t bias_stride,  // [d_out] or nullptr
     const acc_t* __restrict__ adds, int64_t num_adds,        // [num_adds, N, d_out]
-    int64_t total, int64_t d_out,
+    int64_t N, int64_t d_out,
     scalar_t* __restrict__ out) {      // [N, d_out]
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= d_out) return;  // no barrier below
+  const acc_t b = bias ? static_cast<acc_t>(bias[c * bias_stride]) : acc_t(0);
+  const int64_t total = N * d_out;
+  for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N;
+       n += int64_t(gridDim.y) * blockDim.y) {
+    const int64_t e = n * d_out + c;
     acc_t v = base[e];
-    if (bias) v += static_cast<acc_t>(bias[(e % d_out) * bias_stride]);
+    if (bias) v += b;
     for (int64_t i = 0; i < num_adds; ++i) v += adds[i * total + e];
     out[e] = static_cast<scalar_t>(v);
   }
@@ -96,17 +102,17 @@ void project(const at::Tensor& rows, const at::Tensor& a, const at::Tensor& b,
 
 void finalize(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
               const at::Tensor& adds, at::Tensor& out) {
-  const int64_t total = out.numel(), d_out = out.size(1);
-  if (total == 0) return;
-  constexpr int kThreads = 256;
+  const int64_t N = out.size(0), d_out = out.size(1);
+  if (N == 0 || d_out == 0) return;
+  const RowTiles tiles = row_tiles(N, d_out);
   const auto stream = at::cuda::getCurrentCUDAStream();
   MASS_EXT_DISPATCH(out.scalar_type(), "mass_ext_finalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool has_bias = bias.has_value() && bias->defined();
-    finalize_kernel<scalar_t, acc_t><<<grid_for(total, kThreads, 1 << 16), kThreads, 0, stream>>>(
+    finalize_kernel<scalar_t, acc_t><<<tiles.grid, tiles.block, 0, stream>>>(
         base.const_data_ptr<acc_t>(), has_bias ? bias->const_data_ptr<scalar_t>() : nullptr,
         has_bias ? bias->stride(0) : 0, adds.defined() ? adds.const_data_ptr<acc_t>() : nullptr,
-        adds.defined() ? adds.size(0) : 0, total, d_out, out.mutable_data_ptr<scalar_t>());
+        adds.defined() ? adds.size(0) : 0, N, d_out, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -136,7 +136,56 @@ at::Tensor expand_matrix(const at::Tensor& U) {
   return U.transpose(1, 2).reshape({U.size(0) * U.size(2), U.size(1)});
 }
 
+// base += H Ue in place (cuBLAS, beta = 1): the dense expand's product goes straight into
+// the accumulation-dtype base, not into a second (N, d_out) buffer that `finalize` reads
+// back. base (N, d_out) contiguous (float32; float64 for float64), H (N, T*r) contiguous,
+// Ue (T*r, d_out) in H's dtype. float32 operands follow torch's TF32 setting, as at::mm.
+void accumulate_expand(const at::Tensor& base, const at::Tensor& H, at::Tensor Ue) {
+  const int64_t N = base.size(0), d_out = base.size(1), TR = H.size(1);
+  if (N == 0 || d_out == 0 || TR == 0) return;
+  if (d_out > 1 && Ue.stride(1) != 1) Ue = Ue.contiguous();
+  if (TR > 1 && Ue.stride(0) < d_out) Ue = Ue.contiguous();
+  const int64_t ld_U = TR > 1 ? Ue.stride(0) : d_out;  // a single row's stride is never read
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (N > kMax || d_out > kMax || TR > kMax || ld_U > kMax) {
+    base.add_(mm_acc(H, Ue));  // beyond cuBLAS's 32-bit sizes
+    return;
+  }
+  const float one_f = 1.0f;
+  const double one_d = 1.0;
+  const void* one = &one_f;
+  cudaDataType operand_type = CUDA_R_32F, out_type = CUDA_R_32F;
+  // As at::mm decides: the global setting, unless a NoTF32Guard is active.
+  const bool tf32 =
+      at::globalContext().allowTF32CuBLAS() && !at::NoTF32Guard::should_disable_tf32();
+  cublasComputeType_t compute = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  switch (H.scalar_type()) {
+    case at::kBFloat16:
+      operand_type = CUDA_R_16BF;
+      compute = CUBLAS_COMPUTE_32F;
+      break;
+    case at::kDouble:
+      operand_type = out_type = CUDA_R_64F;
+      compute = CUBLAS_COMPUTE_64F;
+      one = &one_d;
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK(base.scalar_type() == (out_type == CUDA_R_64F ? at::kDouble : at::kFloat) &&
+                  base.is_contiguous() && H.is_contiguous() &&
+                  Ue.scalar_type() == H.scalar_type(),
+              "accumulate_expand: unexpected operands");
+  // Row-major base (N, d_out) is column-major base^T (d_out, N) = Ue^T (d_out, TR) . H^T.
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(d_out),
+      static_cast<int>(N), static_cast<int>(TR), one, Ue.const_data_ptr(), operand_type,
+      static_cast<int>(ld_U), H.const_data_ptr(), operand_type, static_cast<int>(TR), one,
+      base.mutable_data_ptr(), out_type, static_cast<int>(d_out), compute, CUBLAS_GEMM_DEFAULT));
+}
+
 // out = base + bias + the low-rank terms, for the slots in (indices, weights) (N, k).
+// The dense path adds its terms into `base` in place (accumulate_expand): base is spent.
 // `h` (N*k, r) for the selected-tasks path, `z` (N, T*r) for the dense one.
 at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& U, const at::Tensor& S, const at::Tensor& indices,
@@ -154,7 +203,7 @@ at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Ten
     at::Tensor H = at::empty(z.sizes(), z.options().dtype(h_dtype));
     dense_h(z, S, indices, weights, H);
     const at::Tensor Ue = expand_matrix(U);
-    adds = mm_acc(H, h_dtype == dtype ? Ue : Ue.to(h_dtype)).contiguous().unsqueeze(0);
+    accumulate_expand(base, H, h_dtype == dtype ? Ue : Ue.to(h_dtype));  // adds stays empty
   }
   finalize(base, bias, adds, out);
   return out;
