@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (gpu_check.sh): all three ops,
-both paths (decode and large N), odd sizes, a dropped slot, row- and column-major U, and
-a CUDA graph replay. Checks the outputs loosely against the reference and prints "ok".
+both paths (decode and large N), odd sizes and sizes of whole 16-byte vectors (the
+kernels' vector and scalar branches), a dropped slot, row- and column-major U, and a CUDA
+graph replay. Checks the outputs loosely against the reference and prints "ok".
 
     compute-sanitizer --tool memcheck python benchmarks/cuda_smoke.py
 """
@@ -17,10 +18,20 @@ PATHS = {
 }
 
 
+# (T, r, d_in, d_out, k): odd sizes (scalar loads), then rows of whole 16-byte vectors.
+SHAPES = [(3, 5, 33, 17, 2), (3, 16, 64, 40, 2)]
+
+
 def main():
     torch.manual_seed(0)
+    for shape in SHAPES:
+        check_shape(*shape)
+    torch.cuda.synchronize()
+    print("ok")
+
+
+def check_shape(T, r, d_in, d_out, k):
     dev = "cuda"
-    T, r, d_in, d_out, k = 3, 5, 33, 17, 2
     W, b = torch.randn(d_out, d_in, device=dev), torch.randn(d_out, device=dev)
     U, S = torch.randn(T, d_out, r, device=dev), torch.rand(T, r, device=dev)
     # QR on the CPU: the sanitizer then checks this project's kernels, not cuSOLVER's.
@@ -57,8 +68,6 @@ def main():
         x.copy_(torch.randn(4, d_in, device=dev))
         graph.replay()
         torch.testing.assert_close(out, mass_ext.routed_linear(x, W, b, U, S, V, k))
-    torch.cuda.synchronize()
-    print("ok")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 # has its own timeout, all within GPU_CHECK_BUDGET seconds (default 460: under 8 minutes).
 # Installs nothing. It writes at most 8 files (the device tool returns no more): summary.txt
 # (environment and each stage's status), build.log, tests.log, sanitizer.log (memcheck then
-# racecheck), bench.log (bench_gpu.py, then profile_gpu.py), gpu.json, gpu.md, profile.md.
+# racecheck), bench.log (bench_gpu.py, profile_gpu.py, then Nsight Compute when ncu is there),
+# gpu.json, gpu.md, profile.md.
 #
 #   OUT=/tmp/out MASS_EXT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
@@ -67,7 +68,7 @@ stage backend 60 /tmp/mass_ext_backend.log "$PY" -c \
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 8)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
-stage tests 170 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
+stage tests 210 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=15 \
   "${PARALLEL[@]}" tests/test_cuda.py tests/test_backend.py
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -78,6 +79,17 @@ stage bench 200 "$OUT/bench.log" "$PY" benchmarks/bench_gpu.py --out "$OUT" --re
   --graph-reps 5
 stage profile 40 /tmp/mass_ext_profile.log "$PY" benchmarks/profile_gpu.py --out "$OUT"
 cat /tmp/mass_ext_profile.log >> "$OUT/bench.log" 2>/dev/null
+# Nsight Compute on the kernels far from their bytes (profile_gpu.py --ncu): throughput,
+# occupancy, warp stalls and the hottest source lines (-lineinfo). Goes to bench.log.
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [ -x "$NCU" ]; then
+  stage ncu 60 /tmp/mass_ext_ncu.log "$NCU" -k 'regex:route|expand|finalize|shrink|dense_h' -c 16 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SourceCounters "$PY" benchmarks/profile_gpu.py --ncu
+  cat /tmp/mass_ext_ncu.log >> "$OUT/bench.log" 2>/dev/null
+else
+  note "ncu: not found; skipped"
+fi
 stage racecheck 45 "$OUT/racecheck.tmp" "$SAN" --tool racecheck --error-exitcode 3 \
   "$PY" benchmarks/cuda_smoke.py
 cat "$OUT/racecheck.tmp" >> "$OUT/sanitizer.log" 2>/dev/null; rm -f "$OUT/racecheck.tmp"

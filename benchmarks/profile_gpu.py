@@ -7,6 +7,7 @@ are 100 MB against a 50 MB L2, so most of each call still comes from DRAM), no C
 graph (launch gaps are not in the kernel times). bench_gpu.py gives the timings.
 
     python benchmarks/profile_gpu.py --out DIR     # writes DIR/profile.md and prints it
+    ncu -k regex:route python benchmarks/profile_gpu.py --ncu   # a few calls for Nsight Compute
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or
                         os.path.join(common.ROOT, "benchmarks", "results"))
+    parser.add_argument("--ncu", action="store_true",
+                        help="no profiler: one call of each case whose kernels are far from "
+                             "their bytes (N = 1 selected-tasks path and pre-routed top-1, "
+                             "N = 4096 dense path), for Nsight Compute to profile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_gpu.py: no CUDA device")
@@ -62,6 +67,17 @@ def main():
     lines = [f"{torch.cuda.get_device_name()}, bfloat16, torch {torch.__version__}, "
              f"d={d} T={T} r={r} k={k}: CUDA time per call of each kernel (us), torch.profiler, "
              f"mean of {CALLS} calls (`python benchmarks/profile_gpu.py`).", ""]
+    if args.ncu:
+        with torch.inference_mode():
+            for N, path in ((1, "mixed"), (4096, "default")):
+                x = layer.task_inputs(N).to("cuda")
+                top1 = mass_ext.route(x, V, 1)
+                env = PATH_ENV.get(path, {})
+                with_env(lambda: mass_ext.routed_linear(x, W, b, U, S, V, k), env)()
+                mass_ext.routed_linear(x, W, b, U, S, V, indices=top1.indices,
+                                       weights=top1.weights)
+            torch.cuda.synchronize()
+        return
     with torch.inference_mode():
         for N in (1, 16, 4096):
             x = layer.task_inputs(N).to("cuda")

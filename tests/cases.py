@@ -54,6 +54,8 @@ CASES = [
     Case((7, 19), 64, 65, 8, 16, 3, "softmax", 1.0, 0.0, True, "transposed"),
     Case((133,), 769, 1, 3, 20, 2, "softmax", 1.0, 0.1, True, "contiguous"),
     Case((3,), 7, 5, 8, 3, 3, "renormalized", 0.5, 0.1, False, "column_slice"),
+    # d_out and r whole 16-byte vectors of every dtype: the CUDA kernels' vector branches.
+    Case((133,), 64, 72, 8, 16, 2, "softmax", 1.0, 0.1, True, "contiguous"),
 ]
 
 # float64 and float16 on a smaller grid.
@@ -89,6 +91,7 @@ PREROUTED_CASES = [
     ((), 64, 65, 8, 16, 3, False, "contiguous"),
     ((133,), 769, 1, 3, 20, 3, True, "transposed"),
     ((3,), 7, 5, 8, 3, 2, False, "column_slice"),
+    ((133,), 64, 72, 8, 16, 2, True, "contiguous"),
 ]
 PATTERNS = ["random", "all_none_rows", "duplicates", "one_task", "skewed"]
 

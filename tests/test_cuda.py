@@ -7,6 +7,7 @@ Skipped without a GPU. Needs torch and pytest only (the GPU machine has no hypot
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,14 +47,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 OPS = torch.ops.mass_ext
 DEV = "cuda"
 
-# The two CUDA paths (csrc/cuda/routed_linear_cuda.cu), forced through the thresholds,
-# so that every shape runs through both: "decode" = the selected-tasks path with `project`
-# for the dense part (project, route or shrink, expand_selected), "large" = cuBLAS GEMMs
-# and the dense expand. "default" takes the thresholds of launchers.h.
+# The CUDA paths (csrc/cuda/routed_linear_cuda.cu), forced through the thresholds, so
+# that every shape runs through each: "decode" = the selected-tasks path with `project`
+# for the dense part (project, route or shrink, the per-slot expand), "tiled" = cuBLAS
+# and the selected-tasks expand by blocks of rows, "large" = cuBLAS GEMMs and the dense
+# expand. "default" takes the thresholds of launchers.h.
 PATHS = {
     "default": {},
     "decode": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "1000000",
-               "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000"},
+               "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000",
+               "MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS": "1000000"},
+    "tiled": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "1000000",
+              "MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS": "0"},
     "large": {"MASS_EXT_CUDA_PROJECT_MAX_ROWS": "0", "MASS_EXT_CUDA_SELECTED_MAX_ROWS": "0"},
 }
 
@@ -120,6 +125,10 @@ def _check_case(case: Case, dtype, seed=0):
     # The pre-routed form with that decision.
     pre = mass_ext.routed_linear(xc, *params, indices=indices, weights=weights)
     assert_output_matches(pre.cpu(), x, layer, routing.indices, routing.weights, "pre-routed")
+    if os.environ.get("MASS_EXT_CUDA_SELECTED_MAX_ROWS") == "0":
+        # Dense path: `route` writes H for the self-routed op, `dense_h` for the pre-routed
+        # one, from the same z and decision: the same bits.
+        assert torch.equal(pre, out)
 
 
 @pytest.mark.parametrize("dtype", MAIN_DTYPES, ids=str)
@@ -177,12 +186,14 @@ def _strided(t):
     return None if t is None else t.mT.contiguous().mT if t.dim() >= 2 else t
 
 
+@pytest.mark.parametrize("d_out", [65, 72])
 @pytest.mark.parametrize("U_layout", ["row_major", "column_major", "strided"])
 @pytest.mark.parametrize("dtype", MAIN_DTYPES, ids=str)
-def test_parameter_layouts(dtype, U_layout, path):
+def test_parameter_layouts(dtype, U_layout, d_out, path):
     """W, S, V transposed in memory, a strided bias, and U row-major, column-major per
-    task (U.transpose(1, 2) contiguous) or neither (a slice of a wider tensor)."""
-    layer = make_layer(8, 16, 64, 65, dtype=dtype, seed=26)
+    task (U.transpose(1, 2) contiguous) or neither (a slice of a wider tensor). d_out = 72:
+    rows of whole 16-byte vectors (the vector kernels for either U layout)."""
+    layer = make_layer(8, 16, 64, d_out, dtype=dtype, seed=26)
     x = make_x((133, 64), dtype, seed=27)
     W, bias, U, S, V = cuda_params(layer)
     W, S, V = _strided(W), _strided(S), _strided(V)
@@ -194,7 +205,7 @@ def test_parameter_layouts(dtype, U_layout, path):
         U = torch.stack([U, U], dim=3).reshape(*U.shape[:2], -1)[:, :, ::2]
         assert U.stride(1) != 1 and U.stride(2) != 1
     params = (W, strided_bias, U, S, V)
-    for n in (1, 5, 133):
+    for n in (1, 2, 5, 133):
         got = mass_ext.route(to_cuda(x[:n]), V, 3, threshold=0.1, weighting="softmax")
         got = type(got)(*(t.cpu() for t in got))
         check_route_against_reference(x[:n], layer.V, 3, threshold=0.1, weighting="softmax",

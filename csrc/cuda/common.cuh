@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace mass_ext {
 namespace cuda {
@@ -53,6 +54,11 @@ __device__ __forceinline__ acc_t block_reduce(acc_t v, acc_t* shared) {
   return kMax ? warp_max(v) : warp_sum(v);
 }
 
+// The element type of H, the dense expand's operand (launchers.h, dense_h): scalar_t, but
+// float32 for float16, where w * S * z can pass 65504 while the other paths keep float32.
+template <typename scalar_t>
+using dense_h_t = std::conditional_t<std::is_same<scalar_t, at::Half>::value, float, scalar_t>;
+
 // Elements of scalar_t in one 16-byte load.
 template <typename scalar_t>
 struct Vec {
@@ -76,11 +82,52 @@ __device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p,
   for (int e = 0; e < Vec<scalar_t>::kSize; ++e) out[e] = static_cast<acc_t>(values[e]);
 }
 
+// n consecutive elements at p, widened to acc_t: by 16-byte loads when n elements are a
+// whole number of them (the caller checked that p is 16-byte aligned), else one by one.
+template <int n, typename T, typename acc_t>
+__device__ __forceinline__ void load_n(const T* __restrict__ p, acc_t (&out)[n]) {
+  constexpr int per = Vec<T>::kSize;
+  if constexpr (n % per == 0) {
+#pragma unroll
+    for (int i = 0; i < n; i += per) {
+      acc_t part[per];
+      load_vec(p + i, part);
+#pragma unroll
+      for (int e = 0; e < per; ++e) out[i + e] = part[e];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]);
+  }
+}
+
+// The n values of `in`, each rounded once to T, stored at p: as load_n, by 16 bytes when
+// they fill whole 16-byte stores.
+template <int n, typename T, typename acc_t>
+__device__ __forceinline__ void store_n(T* __restrict__ p, const acc_t (&in)[n]) {
+  constexpr int per = Vec<T>::kSize;
+  if constexpr (n % per == 0) {
+#pragma unroll
+    for (int i = 0; i < n; i += per) {
+      T values[per];
+#pragma unroll
+      for (int e = 0; e < per; ++e) values[e] = static_cast<T>(in[i + e]);
+      uint4 raw;
+      memcpy(&raw, values, sizeof(raw));
+      *reinterpret_cast<uint4*>(p + i) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < n; ++i) p[i] = static_cast<T>(in[i]);
+  }
+}
+
 // This lane's share of the dot products acc[b] += a . x_b, x_b = x + b * x_stride, for
 // b < nb <= NB, over i in [0, d_in). The warp's lanes split i (coalesced); `vec` (a, x,
-// x_stride and d_in all multiples of 16 bytes) selects 16-byte loads. The caller sums
+// x_stride and d_in all multiples of 16 bytes) selects 16-byte loads, kUnroll of them in
+// flight per lane (the order of the sums is the same for any kUnroll). The caller sums
 // acc over the warp. a is read once for all nb rows.
-template <int NB, typename scalar_t, typename acc_t>
+template <int NB, int kUnroll = 2, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void lane_dots(
     const scalar_t* __restrict__ a,  // [d_in]
     const scalar_t* __restrict__ x,  // [nb, x_stride]
@@ -88,7 +135,7 @@ __device__ __forceinline__ void lane_dots(
   const int lane = threadIdx.x % kWarp;
   if (vec) {
     constexpr int V = Vec<scalar_t>::kSize;
-#pragma unroll 2
+#pragma unroll kUnroll
     for (int64_t i = int64_t(lane) * V; i < d_in; i += kWarp * V) {
       acc_t av[V];
       load_vec(a + i, av);

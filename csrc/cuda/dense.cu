@@ -3,6 +3,8 @@
 // `finalize` (base + bias + low-rank terms, rounded once).
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 #include "cuda/common.cuh"
 #include "cuda/launchers.h"
 
@@ -51,25 +53,40 @@ __global__ void __launch_bounds__(kProjectWarps * kWarp) project_kernel(
   }
 }
 
-// Over row_tiles: the bias of a column is read once per thread, not per element.
-template <typename scalar_t, typename acc_t>
+// Over row_tiles of (N, d_out / kVec): each thread owns kVec adjacent columns (one 16-byte
+// store of out when kVec > 1: few bytes in flight per thread left the scalar kernel at
+// 1.7 TB/s, gpu_notes.md run 5) and walks rows; their bias is read once. The sum runs in
+// one order for any kVec (base, bias, then each add): both launches give the same bits.
+template <typename scalar_t, typename acc_t, int kVec>
 __global__ void finalize_kernel(
     const acc_t* __restrict__ base,    // [N, d_out]
     const scalar_t* __restrict__ bias, int64_t bias_stride,  // [d_out] or nullptr
     const acc_t* __restrict__ adds, int64_t num_adds,        // [num_adds, N, d_out]
     int64_t N, int64_t d_out,
     scalar_t* __restrict__ out) {      // [N, d_out]
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (c >= d_out) return;  // no barrier below
-  const acc_t b = bias ? static_cast<acc_t>(bias[c * bias_stride]) : acc_t(0);
+  acc_t b[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i)
+    b[i] = bias ? static_cast<acc_t>(bias[(c + i) * bias_stride]) : acc_t(0);
   const int64_t total = N * d_out;
   for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N;
        n += int64_t(gridDim.y) * blockDim.y) {
     const int64_t e = n * d_out + c;
-    acc_t v = base[e];
-    if (bias) v += b;
-    for (int64_t i = 0; i < num_adds; ++i) v += adds[i * total + e];
-    out[e] = static_cast<scalar_t>(v);
+    acc_t v[kVec];
+    load_n<kVec>(base + e, v);
+    if (bias) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] += b[i];
+    }
+    for (int64_t a = 0; a < num_adds; ++a) {
+      acc_t w[kVec];
+      load_n<kVec>(adds + a * total + e, w);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] += w[i];
+    }
+    store_n<kVec>(out + e, v);
   }
 }
 
@@ -104,16 +121,29 @@ void finalize(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
               const at::Tensor& adds, at::Tensor& out) {
   const int64_t N = out.size(0), d_out = out.size(1);
   if (N == 0 || d_out == 0) return;
-  const RowTiles tiles = row_tiles(N, d_out);
   const auto stream = at::cuda::getCurrentCUDAStream();
   MASS_EXT_DISPATCH(out.scalar_type(), "mass_ext_finalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = Vec<scalar_t>::kSize;
     const bool has_bias = bias.has_value() && bias->defined();
-    finalize_kernel<scalar_t, acc_t><<<tiles.grid, tiles.block, 0, stream>>>(
-        base.const_data_ptr<acc_t>(), has_bias ? bias->const_data_ptr<scalar_t>() : nullptr,
-        has_bias ? bias->stride(0) : 0, adds.defined() ? adds.const_data_ptr<acc_t>() : nullptr,
-        adds.defined() ? adds.size(0) : 0, N, d_out, out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const acc_t* base_data = base.const_data_ptr<acc_t>();
+    const acc_t* adds_data = adds.defined() ? adds.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    // Rows of d_out are whole vectors (of out, and so of base and adds: acc_t is wider).
+    const bool vec = d_out % V == 0 && vector_aligned(base_data, d_out) &&
+                     vector_aligned(out_data, d_out) &&
+                     (adds_data == nullptr || vector_aligned(adds_data, d_out));
+    auto launch = [&](auto vec_size) {
+      constexpr int kVec = decltype(vec_size)::value;
+      const RowTiles tiles = row_tiles(N, d_out / kVec);
+      finalize_kernel<scalar_t, acc_t, kVec><<<tiles.grid, tiles.block, 0, stream>>>(
+          base_data, has_bias ? bias->const_data_ptr<scalar_t>() : nullptr,
+          has_bias ? bias->stride(0) : 0, adds_data, adds.defined() ? adds.size(0) : 0, N,
+          d_out, out_data);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec) launch(std::integral_constant<int, V>());
+    else launch(std::integral_constant<int, 1>());
   });
 }
 

@@ -29,6 +29,11 @@ constexpr int64_t kSelectedMaxRows = 0;
 // tasks' V (`shrink`): it won at N = 1 (38.2 us against 45.4), tied at N = 2 (45.5
 // against 45.6) and lost from N = 4 on (59.6 against 46.0).
 constexpr int64_t kPreroutedSelectedMaxRows = 1;
+// Rows up to which the selected-tasks expand reads U_t once per slot (16-byte loads, all
+// in flight) rather than once per block of rows (a tile per task, one after another).
+// Provisional: written for N = 1, where the tiled kernel took 20.6 us for the 8.4 MB of
+// two U_t (gpu_notes.md, run 5); not yet timed (MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS).
+constexpr int64_t kSlotExpandMaxRows = 2;
 
 // a_out[n, m] = rows[n] . a[m], b_out[n, m] = rows[n] . b[m] (b optional: undefined).
 // rows (N, d_in), a (Ma, d_in), b (Mb, d_in): unit stride along d_in. Outputs (N, M*) acc.
@@ -36,11 +41,13 @@ void project(const at::Tensor& rows, const at::Tensor& a, const at::Tensor& b,
              at::Tensor& a_out, at::Tensor& b_out);
 
 // Per-row routing from z = x V_stacked^T (N, T*r) acc: indices (N, k), weights (N, k),
-// residuals (N, T) (optional) and, when h is defined, h[n*k + j] = w_j * S_t * z_t (N*k, r)
-// acc for the kept slots (0 for dropped ones).
+// residuals (N, T) (optional); when h is defined, h[n*k + j] = w_j * S_t * z_t (N*k, r)
+// acc for the kept slots (0 for dropped ones); when H is defined, the dense expand's
+// operand (N, T*r) exactly as `dense_h` writes it, from the row's z while it is at hand.
 void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, int64_t top_k,
            double temperature, double threshold, Weighting weighting, at::Tensor& indices,
-           at::Tensor& weights, at::Tensor& residuals, const at::Tensor& S, at::Tensor& h);
+           at::Tensor& weights, at::Tensor& residuals, const at::Tensor& S, at::Tensor& h,
+           at::Tensor& H);
 
 // Pre-routed shrink of the selected tasks only: h[n*k + j] = w_j * S_t * (V_t x_n) (N*k, r)
 // acc; 0 for a dropped slot. indices (N, k) int64 and weights (N, k) acc contiguous; V with
@@ -48,16 +55,26 @@ void route(const at::Tensor& rows, const at::Tensor& z, int64_t T, int64_t r, in
 void shrink(const at::Tensor& rows, const at::Tensor& V, const at::Tensor& S,
             const at::Tensor& indices, const at::Tensor& weights, at::Tensor& h);
 
-// Dense over tasks: H[n, t*r + q] = (z[n, t*r + q] * S[t, q]) * c[n, t] in H's dtype (S's,
-// or float32), c[n, t] = sum of the weights of the kept slots of row n selecting t;
-// exactly 0 where no slot selects t. indices / weights (N, k) contiguous.
+// The dtype of H, the dense expand's operand, for inputs of `dtype`: dtype, but float32
+// for float16 (w * S * z can pass 65504 where the other paths keep float32).
+inline at::ScalarType dense_h_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// Dense over tasks: H[n, t*r + q] = (z[n, t*r + q] * S[t, q]) * c[n, t] in
+// dense_h_dtype(S's dtype), c[n, t] = sum of the weights of the kept slots of row n
+// selecting t; exactly 0 where no slot selects t. indices / weights (N, k) contiguous;
+// z and H (N, T*r) contiguous. `route` writes the same H for the self-routed op.
 void dense_h(const at::Tensor& z, const at::Tensor& S, const at::Tensor& indices,
              const at::Tensor& weights, at::Tensor& H);
 
-// partial[c, n, :] = sum over the kept slots j of row n of U_{t_j}[:, chunk c] h[n*k + j,
-// chunk c], rank chunks of 64 (kExpandRank). Reads only the selected tasks' U. Returns
-// partial (chunks, N, d_out) acc.
-at::Tensor expand_selected(const at::Tensor& h, const at::Tensor& indices, const at::Tensor& U);
+// The expand over the selected tasks only, as partial sums (A, N, d_out) acc for
+// `finalize` to add: per_slot (and U's layout allows 16-byte loads) gives A = k,
+// partial[j, n, :] = U_{t_j} h[n*k + j], reading U_t once per slot; otherwise A = rank
+// chunks of 64, partial[c, n, :] = sum over the kept slots j of row n of
+// U_{t_j}[:, chunk c] h[n*k + j, chunk c], reading each tile once per block of rows.
+at::Tensor expand_selected(const at::Tensor& h, const at::Tensor& indices, const at::Tensor& U,
+                           bool per_slot);
 
 // out[n, c] = base[n, c] + bias[c] + sum_a adds[a, n, c], rounded once to out's dtype.
 // base (N, d_out) acc contiguous, bias (d_out,) or undefined, adds (A, N, d_out) acc

@@ -8,14 +8,16 @@
 //   the kept slots, and the expand reads only the selected tasks' U_t. Pre-routed: the
 //   shrink reads only the selected tasks' V_t.
 // * dense over tasks (all other N): x W^T and x V_stacked^T are cuBLAS GEMMs with float32
-//   output (x V_stacked^T never in TF32); routing is one kernel; the expand is one more
-//   GEMM, H (N, T*r) x U as (T*r, d_out), with H = w * S * z for the selected tasks and 0
-//   elsewhere (T/k times the expand's own FLOPs, but on tensor cores and with no
-//   data-dependent sizes; float16 keeps H in float32, beyond its range).
+//   output (x V_stacked^T never in TF32); routing is one kernel, which also writes the
+//   expand's operand H (N, T*r): H = w * S * z for the selected tasks, 0 elsewhere. The
+//   expand is one more GEMM, H x U as (T*r, d_out), accumulated into x W^T (T/k times
+//   the expand's own FLOPs, but on tensor cores and with no data-dependent sizes;
+//   float16 keeps H in float32, beyond its range).
 //
 // Every path works for any d_in, d_out, r, T, k and layout; no host synchronisation, no
-// grid sized from data. MASS_EXT_CUDA_PROJECT_MAX_ROWS / MASS_EXT_CUDA_SELECTED_MAX_ROWS
-// move the two thresholds (benchmarks and tests run each path on the same shapes).
+// grid sized from data. MASS_EXT_CUDA_PROJECT_MAX_ROWS / MASS_EXT_CUDA_SELECTED_MAX_ROWS /
+// MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS move the thresholds (benchmarks and tests run each
+// path on the same shapes).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -47,12 +49,14 @@ int64_t threshold_from_env(const char* name, int64_t fallback) {
 struct Plan {
   bool project;   // dense part in `project` (else cuBLAS)
   bool selected;  // expand over the selected tasks only (else dense over T, cuBLAS)
+  bool per_slot;  // the selected-tasks expand reads U_t once per slot (expand_selected)
 };
 
 Plan plan_for(int64_t N, bool prerouted = false) {
   return {N <= threshold_from_env("MASS_EXT_CUDA_PROJECT_MAX_ROWS", kProjectMaxRows),
           N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS",
-                                  prerouted ? kPreroutedSelectedMaxRows : kSelectedMaxRows)};
+                                  prerouted ? kPreroutedSelectedMaxRows : kSelectedMaxRows),
+          N <= threshold_from_env("MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS", kSlotExpandMaxRows)};
 }
 
 void check_cuda(const at::Tensor& x) {
@@ -184,26 +188,26 @@ void accumulate_expand(const at::Tensor& base, const at::Tensor& H, at::Tensor U
       base.mutable_data_ptr(), out_type, static_cast<int>(d_out), compute, CUBLAS_GEMM_DEFAULT));
 }
 
-// out = base + bias + the low-rank terms, for the slots in (indices, weights) (N, k).
-// The dense path adds its terms into `base` in place (accumulate_expand): base is spent.
-// `h` (N*k, r) for the selected-tasks path, `z` (N, T*r) for the dense one.
+// The dense path's operand H (N, T*r): bfloat16 keeps its 16 bits (float32's range;
+// tensor cores), float16 goes to float32 (w * S * z can pass 65504 where the other paths
+// keep float32): launchers.h, dense_h_dtype.
+at::Tensor dense_h_buffer(const at::Tensor& rows, int64_t T, int64_t r) {
+  return at::empty({rows.size(0), T * r}, rows.options().dtype(dense_h_dtype(rows.scalar_type())));
+}
+
+// out = base + bias + the low-rank terms: from `h` (N*k, r) over the selected tasks
+// (indices (N, k)), or from the dense operand `H` (N, T*r), whose GEMM adds into `base`
+// in place (accumulate_expand): base is then spent.
 at::Tensor expand_and_finish(const at::Tensor& base, const c10::optional<at::Tensor>& bias,
-                             const at::Tensor& U, const at::Tensor& S, const at::Tensor& indices,
-                             const at::Tensor& weights, const at::Tensor& h, const at::Tensor& z,
-                             at::ScalarType dtype) {
+                             const at::Tensor& U, const at::Tensor& indices, const at::Tensor& h,
+                             const at::Tensor& H, const Plan& plan, at::ScalarType dtype) {
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(dtype));
   at::Tensor adds;
   if (h.defined()) {
-    adds = expand_selected(h, indices, U);
+    adds = expand_selected(h, indices, U, plan.per_slot);
   } else {
-    // A float16 H would overflow (above 65504) where w * S * z is finite, which the other
-    // paths keep in float32: float16 keeps H and the expand GEMM in float32 (U is small:
-    // one conversion). bfloat16 has float32's range, so its H stays 16-bit (tensor cores).
-    const auto h_dtype = dtype == at::kHalf ? at::kFloat : dtype;
-    at::Tensor H = at::empty(z.sizes(), z.options().dtype(h_dtype));
-    dense_h(z, S, indices, weights, H);
-    const at::Tensor Ue = expand_matrix(U);
-    accumulate_expand(base, H, h_dtype == dtype ? Ue : Ue.to(h_dtype));  // adds stays empty
+    const at::Tensor Ue = expand_matrix(U);  // float16: one conversion of the small U
+    accumulate_expand(base, H, Ue.scalar_type() == H.scalar_type() ? Ue : Ue.to(H.scalar_type()));
   }
   finalize(base, bias, adds, out);
   return out;
@@ -224,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   if (d.N > 0) {
     const at::Tensor rows = as_rows(x, d.N, d.d_in);
     const at::Tensor z = dense_part(rows, at::Tensor(), V, false, true, plan_for(d.N)).second;
-    at::Tensor no_h;
+    at::Tensor no_h, no_H;
     route(rows, z, d.T, d.r, top_k, temperature, threshold, weighting, indices, weights,
-          residuals, at::Tensor(), no_h);
+          residuals, at::Tensor(), no_h, no_H);
   }
   return {indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k)),
           residuals.view(leading_shape_with(x, d.T))};
@@ -251,11 +255,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cuda(
     const Plan plan = plan_for(d.N);
     const at::Tensor rows = as_rows(x, d.N, d.d_in);
     const auto [base, z] = dense_part(rows, weight, V, true, true, plan);
+    // Routing writes the expand's operand: h for the selected tasks, or the dense H.
     at::Tensor h = plan.selected ? at::empty({d.N * top_k, d.r}, z.options()) : at::Tensor();
+    at::Tensor H = plan.selected ? at::Tensor() : dense_h_buffer(rows, d.T, d.r);
     at::Tensor no_residuals;
     route(rows, z, d.T, d.r, top_k, temperature, threshold, weighting, indices, weights,
-          no_residuals, S, h);
-    out = expand_and_finish(base, bias, U, S, indices, weights, h, z, x.scalar_type());
+          no_residuals, S, h, H);
+    out = expand_and_finish(base, bias, U, indices, h, H, plan, x.scalar_type());
   }
   return {out.view(leading_shape_with(x, d.d_out)), indices.view(leading_shape_with(x, top_k)),
           weights.view(leading_shape_with(x, top_k))};
@@ -278,13 +284,16 @@ at::Tensor routed_linear_prerouted_cuda(
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
   // Index values are checked on the device (shrink / dense_h): see shrink_kernel.
   const auto [base, z] = dense_part(rows, weight, V, true, !plan.selected, plan);
-  at::Tensor h;
+  at::Tensor h, H;
   if (plan.selected) {
     h = at::empty({d.N * k, d.r}, rows.options().dtype(acc));
     const at::Tensor V_rows = unit_inner_stride(V);
     shrink(rows, V_rows, S, idx, w, h);
+  } else {
+    H = dense_h_buffer(rows, d.T, d.r);
+    dense_h(z, S, idx, w, H);
   }
-  return expand_and_finish(base, bias, U, S, idx, w, h, z, x.scalar_type())
+  return expand_and_finish(base, bias, U, idx, h, H, plan, x.scalar_type())
       .view(leading_shape_with(x, d.d_out));
 }
 
