@@ -124,10 +124,9 @@ __device__ __forceinline__ void store_n(T* __restrict__ p, const acc_t (&in)[n])
 
 // This lane's share of the dot products acc[b] += a . x_b, x_b = x + b * x_stride, for
 // b < nb <= NB, over i in [0, d_in). The warp's lanes split i (coalesced); `vec` (a, x,
-// x_stride and d_in all multiples of 16 bytes) selects 16-byte loads, kUnroll of them in
-// flight per lane (the order of the sums is the same for any kUnroll). The caller sums
+// x_stride and d_in all multiples of 16 bytes) selects 16-byte loads. The caller sums
 // acc over the warp. a is read once for all nb rows.
-template <int NB, int kUnroll = 2, typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void lane_dots(
     const scalar_t* __restrict__ a,  // [d_in]
     const scalar_t* __restrict__ x,  // [nb, x_stride]
@@ -135,7 +134,7 @@ __device__ __forceinline__ void lane_dots(
   const int lane = threadIdx.x % kWarp;
   if (vec) {
     constexpr int V = Vec<scalar_t>::kSize;
-#pragma unroll kUnroll
+#pragma unroll 2
     for (int64_t i = int64_t(lane) * V; i < d_in; i += kWarp * V) {
       acc_t av[V];
       load_vec(a + i, av);

@@ -14,25 +14,27 @@ namespace mass_ext {
 namespace cuda {
 
 // The paths' thresholds, from benchmarks/bench_gpu.py on an H200 (bf16, d = 4096, T = 8,
-// r = 512, k = 2; 2026-11-30; benchmarks/results/gpu.md), which times each path forced;
-// benchmarks/results/gpu_profile.md says which kernel takes the time:
+// r = 512, k = 2; 2026-11-30; benchmarks/results/gpu.md and gpu_notes.md), which times
+// each path forced; benchmarks/results/gpu_profile.md says which kernel takes the time:
 // Rows of x up to which the dense part (x W^T, x V_stacked^T) runs in `project` (one
 // memory-bound pass over [W; V]); beyond, in cuBLAS. 0: cuBLAS was as fast or faster at
 // every N measured (N = 1: 65.6 us against 70.0 with the same expand; N = 16: 117 against
 // 310), so `project` runs only when forced (MASS_EXT_CUDA_PROJECT_MAX_ROWS).
 constexpr int64_t kProjectMaxRows = 0;
 // Rows up to which the self-routed expand reads only the selected tasks' U_t
-// (`expand_selected`); beyond, it is one tensor-core GEMM over all T tasks (`dense_h` +
-// cuBLAS). 0: the dense GEMM won at every N measured (N = 1: 57.9 us against 65.6).
-constexpr int64_t kSelectedMaxRows = 0;
+// (`expand_selected`); beyond, it is one tensor-core GEMM over all T tasks (route's H +
+// cuBLAS). 2: with the per-slot expand the selected tasks won at N = 1 (48.6 us against
+// 56.1) and N = 2 (50.5 against 56.7); by blocks of rows they lost at N = 4 (80.8 against
+// 56.7). Run 6 (tree of 863a62e).
+constexpr int64_t kSelectedMaxRows = 2;
 // The same for the pre-routed op, whose selected-tasks path also skips the unselected
-// tasks' V (`shrink`): it won at N = 1 (38.2 us against 45.4), tied at N = 2 (45.5
-// against 45.6) and lost from N = 4 on (59.6 against 46.0).
-constexpr int64_t kPreroutedSelectedMaxRows = 1;
+// tasks' V (`shrink`): it won at N = 1 (31.6 us against 45.5) and N = 2 (32.8 against
+// 46.2) and lost at N = 4 (62.3 against 46.7). Run 6.
+constexpr int64_t kPreroutedSelectedMaxRows = 2;
 // Rows up to which the selected-tasks expand reads U_t once per slot (16-byte loads, all
-// in flight) rather than once per block of rows (a tile per task, one after another).
-// Provisional: written for N = 1, where the tiled kernel took 20.6 us for the 8.4 MB of
-// two U_t (gpu_notes.md, run 5); not yet timed (MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS).
+// in flight) rather than once per block of rows (a tile per task, one after another):
+// at N = 1 the per-slot kernel took 6.7 us for the 8.4 MB of two U_t, the tiled one 20.6
+// (runs 5 and 6). Above N = 2 the selected-tasks path loses anyway (above).
 constexpr int64_t kSlotExpandMaxRows = 2;
 
 // a_out[n, m] = rows[n] . a[m], b_out[n, m] = rows[n] . b[m] (b optional: undefined).

@@ -354,11 +354,9 @@ __global__ void __launch_bounds__(kShrinkWarps * kWarp) shrink_kernel(
       if (lane == 0) h[item] = acc_t(0);
       continue;  // warp-uniform
     }
-    // Eight 16-byte loads in flight per lane: one row of V_t per warp is all the work there
-    // is at decode sizes (5.9 us for the 4.2 MB of one V_t with two: gpu_notes.md, run 5).
     acc_t acc[1] = {acc_t(0)};
-    lane_dots<1, 8>(V + t * V_stride0 + q * V_stride1, x + (slot / k) * x_stride, x_stride, 1,
-                    d_in, vec, acc);
+    lane_dots<1>(V + t * V_stride0 + q * V_stride1, x + (slot / k) * x_stride, x_stride, 1, d_in,
+                 vec, acc);
     const acc_t dot = warp_sum(acc[0]);
     if (lane == 0)
       h[item] = weights[slot] * static_cast<acc_t>(S[t * S_stride0 + q * S_stride1]) * dot;
