@@ -16,7 +16,7 @@ Providers (same inputs, same run):
                thresholds' environment variables; graph timing only): decode = `project`
                + selected-tasks expand, mixed = cuBLAS + selected-tasks expand, large =
                cuBLAS + dense expand GEMM. Where they cross tells where kProjectMaxRows /
-               kSelectedMaxRows belong
+               kSelectedSlotsPerTask belong
 
 Two timings per provider, medians with the 20th-80th percentile range:
   graph  CUDA-graph replays of calls that cycle over copies of the layer (> 200 MB in all,

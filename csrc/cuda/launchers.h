@@ -13,29 +13,28 @@
 namespace mass_ext {
 namespace cuda {
 
-// The paths' thresholds, from benchmarks/bench_gpu.py on an H200 (bf16, d = 4096, T = 8,
-// r = 512, k = 2; 2026-11-30; benchmarks/results/gpu.md and gpu_notes.md), which times
-// each path forced; benchmarks/results/gpu_profile.md says which kernel takes the time:
+// The paths' thresholds, from benchmarks/bench_gpu.py on an H200 (bf16; 2026-11-30 and
+// 12-01; benchmarks/results/gpu*.md, gpu_notes.md), which times each path forced;
+// benchmarks/results/gpu_profile.md says which kernel takes the time:
 // Rows of x up to which the dense part (x W^T, x V_stacked^T) runs in `project` (one
 // memory-bound pass over [W; V]); beyond, in cuBLAS. 0: cuBLAS was as fast or faster at
 // every N measured (N = 1: 65.6 us against 70.0 with the same expand; N = 16: 117 against
 // 310), so `project` runs only when forced (MASS_EXT_CUDA_PROJECT_MAX_ROWS).
 constexpr int64_t kProjectMaxRows = 0;
-// Rows up to which the self-routed expand reads only the selected tasks' U_t
-// (`expand_selected`); beyond, it is one tensor-core GEMM over all T tasks (route's H +
-// cuBLAS). 2: with the per-slot expand the selected tasks won at N = 1 (48.6 us against
-// 56.1) and N = 2 (50.5 against 56.7); by blocks of rows they lost at N = 4 (80.8 against
-// 56.7). Run 6 (tree of 863a62e).
-constexpr int64_t kSelectedMaxRows = 2;
-// The same for the pre-routed op, whose selected-tasks path also skips the unselected
-// tasks' V (`shrink`): it won at N = 1 (31.6 us against 45.5) and N = 2 (32.8 against
-// 46.2) and lost at N = 4 (62.3 against 46.7). Run 6.
-constexpr int64_t kPreroutedSelectedMaxRows = 2;
-// Rows up to which the selected-tasks expand reads U_t once per slot (16-byte loads, all
-// in flight) rather than once per block of rows (a tile per task, one after another):
-// at N = 1 the per-slot kernel took 6.7 us for the 8.4 MB of two U_t, the tiled one 20.6
-// (runs 5 and 6). Above N = 2 the selected-tasks path loses anyway (above).
-constexpr int64_t kSlotExpandMaxRows = 2;
+// Both ops take the selected-tasks path (shrink or route writing h, then the per-slot
+// expand, which reads one U_t per slot) while the N * k slots are at most
+// kSelectedSlotsPerTask * T; beyond, the dense path (route's H over all T tasks, one
+// tensor-core GEMM against all of U). Bench_gpu.py's forced paths (graph replays, us;
+// selected = cuBLAS + per-slot expand, runs 6-7 in gpu_notes.md) against the rule:
+//   d 4096, T 8, k 2:    N 1: 48.6 / 56.1, N 2: 50.5 / 56.7, N 4: 51.7 / 57.7 (slots 8 <=
+//                        16), N 8: 58.7 / 58.0 (16, a tie), N 16: 66.6 / 57.3 (32 > 16);
+//   the same, top-1:     N 8: 37.9 / 46.7, N 16: 48.4 / 47.9 (16 <= 16, a tie);
+//   d 4096, T 20, k 2:   N 16: 61.2 / 68.3 (32 <= 40), N 64: 87.5 / 66.7 (128 > 40);
+//   d 768, T 8, top-1:   N 16: 13.5 / 16.8, N 64: 15.9 / 17.3 (64 > 16: a 1.4 us miss).
+// The tiled expand (U_t once per block of rows; kept for layouts without 16-byte rows
+// and for MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS) made the op 1.6-1.8x as slow at N = 4-64
+// (run 7) and took 3x the per-slot kernel's time at N = 1 (20.6 against 6.7 us).
+constexpr int64_t kSelectedSlotsPerTask = 2;
 
 // a_out[n, m] = rows[n] . a[m], b_out[n, m] = rows[n] . b[m] (b optional: undefined).
 // rows (N, d_in), a (Ma, d_in), b (Mb, d_in): unit stride along d_in. Outputs (N, M*) acc.

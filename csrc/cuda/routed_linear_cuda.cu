@@ -1,13 +1,13 @@
 // CUDA kernels of the three ops (TORCH_LIBRARY_IMPL(mass_ext, CUDA)). Two paths, picked
-// from the number of rows N alone (so a captured CUDA graph replays the same launches;
-// launchers.h gives the thresholds and the measurements behind them):
+// from the shapes alone (so a captured CUDA graph replays the same launches; launchers.h
+// gives the thresholds and the measurements behind them):
 //
-// * selected tasks (N <= kSelectedMaxRows, or kPreroutedSelectedMaxRows): reads only what
-//   the selection needs. The dense part is cuBLAS (or `project`, one memory-bound pass
-//   over [W; V], for N <= kProjectMaxRows), routing writes the scaled projections h of
-//   the kept slots, and the expand reads only the selected tasks' U_t. Pre-routed: the
-//   shrink reads only the selected tasks' V_t.
-// * dense over tasks (all other N): x W^T and x V_stacked^T are cuBLAS GEMMs with float32
+// * selected tasks (N * k <= kSelectedSlotsPerTask * T): reads only what the selection
+//   needs. The dense part is cuBLAS (or `project`, one memory-bound pass over [W; V], for
+//   N <= kProjectMaxRows), routing writes the scaled projections h of the kept slots, and
+//   the expand reads only the selected tasks' U_t, once per slot. Pre-routed: the shrink
+//   reads only the selected tasks' V_t.
+// * dense over tasks (all other shapes): x W^T and x V_stacked^T are cuBLAS GEMMs with float32
 //   output (x V_stacked^T never in TF32); routing is one kernel, which also writes the
 //   expand's operand H (N, T*r): H = w * S * z for the selected tasks, 0 elsewhere. The
 //   expand is one more GEMM, H x U as (T*r, d_out), accumulated into x W^T (T/k times
@@ -52,11 +52,13 @@ struct Plan {
   bool per_slot;  // the selected-tasks expand reads U_t once per slot (expand_selected)
 };
 
-Plan plan_for(int64_t N, bool prerouted = false) {
+// N rows with k slots each over T tasks (shapes only: a captured graph replays the same
+// path). The environment variables, when set, force a path by rows (tests, benchmarks).
+Plan plan_for(int64_t N, int64_t k, int64_t T) {
+  const int64_t selected_rows = N * k <= kSelectedSlotsPerTask * T ? N : 0;
   return {N <= threshold_from_env("MASS_EXT_CUDA_PROJECT_MAX_ROWS", kProjectMaxRows),
-          N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS",
-                                  prerouted ? kPreroutedSelectedMaxRows : kSelectedMaxRows),
-          N <= threshold_from_env("MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS", kSlotExpandMaxRows)};
+          N <= threshold_from_env("MASS_EXT_CUDA_SELECTED_MAX_ROWS", selected_rows),
+          N <= threshold_from_env("MASS_EXT_CUDA_SLOT_EXPAND_MAX_ROWS", N)};
 }
 
 void check_cuda(const at::Tensor& x) {
@@ -227,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   at::Tensor residuals = at::empty({d.N, d.T}, x.options().dtype(acc));
   if (d.N > 0) {
     const at::Tensor rows = as_rows(x, d.N, d.d_in);
-    const at::Tensor z = dense_part(rows, at::Tensor(), V, false, true, plan_for(d.N)).second;
+    const at::Tensor z =
+        dense_part(rows, at::Tensor(), V, false, true, plan_for(d.N, top_k, d.T)).second;
     at::Tensor no_h, no_H;
     route(rows, z, d.T, d.r, top_k, temperature, threshold, weighting, indices, weights,
           residuals, at::Tensor(), no_h, no_H);
@@ -252,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cuda(
   if (d.N == 0) {
     out = at::empty({0, d.d_out}, x.options());
   } else {
-    const Plan plan = plan_for(d.N);
+    const Plan plan = plan_for(d.N, top_k, d.T);
     const at::Tensor rows = as_rows(x, d.N, d.d_in);
     const auto [base, z] = dense_part(rows, weight, V, true, true, plan);
     // Routing writes the expand's operand: h for the selected tasks, or the dense H.
@@ -280,7 +283,7 @@ at::Tensor routed_linear_prerouted_cuda(
   const auto acc = at::toOpMathType(x.scalar_type());
   const at::Tensor idx = indices.reshape({d.N, k}).contiguous();
   const at::Tensor w = weights.reshape({d.N, k}).to(acc).contiguous();
-  const Plan plan = plan_for(d.N, /*prerouted=*/true);
+  const Plan plan = plan_for(d.N, k, d.T);
   const at::Tensor rows = as_rows(x, d.N, d.d_in);
   // Index values are checked on the device (shrink / dense_h): see shrink_kernel.
   const auto [base, z] = dense_part(rows, weight, V, true, !plan.selected, plan);
