@@ -4,7 +4,10 @@ The op is timed end to end (self-routed top-2 and pre-routed top-1, float32) wit
 backend forced through MASS_EXT_CPU_GEMM, and with the default choice (auto: oneDNN from
 2^22 multiply-adds). Beside it, the two libraries' plain linear layers on the same x and W:
 F.linear (ATen: MKL on x86) and torch.ops.mkldnn._linear_pointwise (oneDNN, its own
-threading). Providers take turns every round; ratios are medians of per-round ratios.
+threading), and the op's dense part alone (pre-routed with no task selected: x W^T + b
+as the op's oneDNN tiles compute it, one thread per tile) against that oneDNN call: what
+the tiles that keep results independent of the thread count cost. Providers take turns
+every round; ratios are medians of per-round ratios.
 
 Writes benchmarks/results/cpu_gemm.{json,md} and refreshes the table in README.md.
 
@@ -25,9 +28,11 @@ import common  # noqa: E402
 import mass_ext  # noqa: E402
 
 # (N, d_in, d_out, T, r): decode and batch sizes of MiniLM's layers (T = 5), a ViT-B-sized
-# layer, a 7B-sized one; the first two sit on either side of the oneDNN size floor.
+# layer, a 7B-sized one; the first two sit on either side of the oneDNN size floor; 820
+# rows: one task's group in bench_model.py's top-1 batch.
 SHAPES = [(8, 384, 384, 5, 76), (16, 768, 768, 8, 96), (1, 4096, 4096, 8, 512),
-          (64, 384, 1536, 5, 76), (2048, 384, 384, 5, 76), (2048, 384, 1536, 5, 76),
+          (64, 384, 1536, 5, 76), (820, 384, 384, 5, 76), (820, 384, 1536, 5, 76),
+          (2048, 384, 384, 5, 76), (2048, 384, 1536, 5, 76),
           (2048, 1536, 384, 5, 76), (256, 4096, 4096, 8, 512)]
 
 
@@ -50,6 +55,7 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES) -> dict:
             x = layer.task_inputs(N)
             indices = torch.randint(0, T, (N, 1), generator=torch.Generator().manual_seed(3))
             ones = torch.ones(N, 1)
+            no_task = torch.full((N, 1), -1)
             ops = {"self-routed": lambda: mass_ext.routed_linear(x, W, b, U, S, V, top_k=2),
                    "pre-routed": lambda: mass_ext.routed_linear(x, W, b, U, S, V,
                                                                 indices=indices, weights=ones)}
@@ -58,6 +64,8 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES) -> dict:
             providers["F.linear"] = lambda: F.linear(x, W, b)
             if onednn_linear is not None:
                 providers["oneDNN linear"] = lambda: onednn_linear(x, W, b, "none", [], "")
+                providers["dense tiles"] = with_gemm("onednn", lambda: mass_ext.routed_linear(
+                    x, W, b, U, S, V, indices=no_task, weights=ones))
             with torch.inference_mode():
                 for op, fn in ops.items():
                     outputs = [with_gemm(g, fn)() for g in ("aten", "onednn")]
@@ -72,6 +80,8 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES) -> dict:
             if onednn_linear is not None:
                 ratios["F.linear / oneDNN linear"] = common.ratio_stats(times["F.linear"],
                                                                         times["oneDNN linear"])
+                ratios["dense tiles / oneDNN linear"] = common.ratio_stats(
+                    times["dense tiles"], times["oneDNN linear"])
             row = {"N": N, "d_in": d_in, "d_out": d_out, "T": T, "r": r, "rounds": rounds,
                    "median_us": {p: 1e6 * sorted(t)[len(t) // 2] for p, t in times.items()},
                    "ratios": ratios}

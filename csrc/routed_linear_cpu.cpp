@@ -436,9 +436,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k))};
 }
 
+// W + sum_j w_j U_tj diag(S_tj) V_tj in W_acc's dtype: the slots' scaled U side by side
+// (d_out, k r) times their V stacked (k r, d_in), one GEMM through linear_rows (oneDNN:
+// ATen's addmm per slot ran MKL, 2x slower here and 11% of two-pass MASS's second pass).
+at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at::Tensor& S,
+                         const at::Tensor& V,
+                         const std::vector<std::pair<int64_t, double>>& slots) {
+  const at::ScalarType acc_type = W_acc.scalar_type();
+  std::vector<at::Tensor> scaled_U, V_T;
+  for (const auto& slot : slots) {
+    scaled_U.push_back(U.select(0, slot.first).to(acc_type) *
+                       (S.select(0, slot.first).to(acc_type) * slot.second));
+    V_T.push_back(V.select(0, slot.first).to(acc_type).t());
+  }
+  return linear_rows(at::cat(scaled_U, 1), at::cat(V_T, 1).contiguous(), c10::nullopt).add_(W_acc);
+}
+
 // out (N, d_out) in the accumulation dtype: x W^T + b for every row, except that the rows
-// of each merged group get x W_group^T + b instead; their slots in low_rank_idx (a copy
-// then) become -1, leaving only the other rows' low-rank updates to the shrink and expand.
+// of each merged group get x W_group^T + b instead, all groups in one grouped GEMM; their
+// slots in low_rank_idx (a copy then) become -1, leaving only the other rows' low-rank
+// updates to the shrink and expand.
 at::Tensor dense_part(
     const at::Tensor& rows_acc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
@@ -446,25 +463,16 @@ at::Tensor dense_part(
   if (merged.empty()) return dense_base(rows_acc, weight, bias);
   const at::ScalarType acc_type = rows_acc.scalar_type();
   const int64_t N = rows_acc.size(0);
-  at::Tensor out;  // allocated unless one group is the whole batch
-  const at::Tensor W_acc = weight.to(acc_type);
+  const at::Tensor W_acc = weight.to(acc_type).contiguous();
   low_rank_idx = low_rank_idx.clone();
   int64_t* open_slots = low_rank_idx.mutable_data_ptr<int64_t>();
   std::vector<char> is_merged(N, 0);
+  std::vector<at::Tensor> W_groups;
+  W_groups.reserve(merged.size());
+  std::vector<RowGroup> gemms;
   for (const MergedGroup& group : merged) {
-    at::Tensor W_group = W_acc.clone();
-    for (const auto& slot : group.slots) {
-      const at::Tensor scaled_U =
-          U.select(0, slot.first).to(acc_type) * (S.select(0, slot.first).to(acc_type) * slot.second);
-      W_group.addmm_(scaled_U, V.select(0, slot.first).to(acc_type));
-    }
-    if (static_cast<int64_t>(group.rows.size()) == N) {  // the whole batch: no copies
-      out = dense_base(rows_acc, W_group, bias);
-    } else {
-      if (!out.defined()) out = at::empty({N, weight.size(0)}, rows_acc.options());
-      const at::Tensor members = row_index(group.rows);
-      out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), W_group, bias));
-    }
+    W_groups.push_back(merged_weight(W_acc, U, S, V, group.slots));
+    gemms.push_back({&W_groups.back(), group.rows.data(), static_cast<int64_t>(group.rows.size())});
     for (const int64_t n : group.rows) {
       is_merged[n] = 1;
       std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
@@ -473,10 +481,11 @@ at::Tensor dense_part(
   std::vector<int64_t> rest;
   for (int64_t n = 0; n < N; ++n)
     if (!is_merged[n]) rest.push_back(n);
-  if (!rest.empty()) {
-    const at::Tensor members = row_index(rest);
-    out.index_copy_(0, members, dense_base(rows_acc.index_select(0, members), weight, bias));
-  }
+  if (!rest.empty()) gemms.push_back({&W_acc, rest.data(), static_cast<int64_t>(rest.size())});
+  c10::optional<at::Tensor> bias_acc;
+  if (bias.has_value()) bias_acc = bias->to(acc_type);
+  at::Tensor out = at::empty({N, weight.size(0)}, rows_acc.options());
+  grouped_linear_rows_into(rows_acc, gemms, bias_acc, out);
   return out;
 }
 

@@ -13,7 +13,7 @@ import mass_ext
 
 from .cases import CASES, MAIN_DTYPES, PREROUTED_CASES, prerouted_indices
 from .helpers import assert_output_matches, generator, make_layer, make_x, strided_like
-from .test_kernel_vs_reference import _check_case
+from .test_kernel_vs_reference import _check_case, _grouped_routing
 
 pytestmark = pytest.mark.skipif(mass_ext.backend() != "cpp", reason="C++ extension not built")
 
@@ -51,6 +51,19 @@ def test_prerouted_matches_reference_with_each_gemm(case, gemm):
     assert_output_matches(
         mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights),
         x, layer, indices, weights)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
+    """Shuffled groups large enough to merge (from 99 rows here), next to rows on the
+    low-rank path: with oneDNN each group's product goes from its tiles (several, ragged)
+    straight to the group's rows; every row as the reference computes it."""
+    T, d_in, d_out = 5, 70, 1030
+    layer = make_layer(T, 32, d_in, d_out, seed=43)
+    x = strided_like(make_x((500, d_in), seed=44), layout)
+    indices, weights = _grouped_routing(500, T, generator(45))
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(out, x, layer, indices, weights)
 
 
 def _zero_update_layer(rows, d_in, d_out, seed):

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -57,15 +58,20 @@ GemmChoice gemm_choice() {
 // kernel (benchmarks/bench_cpu_gemm.py: 8 x 384 x 384 lost, 16 x 768 x 768 won).
 constexpr double kOneDnnMinMacs = 4194304;  // 2^22
 
-// Output tiles: as large as 256 x 512, halved (columns first) while there are fewer than
-// kMinTiles, so a decode row's GEMM still spreads over a server's cores, but never below
-// kMinTileMacs of work: each tile is one oneDNN call with ~10 us of set-up. A function of
-// the shape alone, so the reduction order (every bit of the result) does not depend on
-// the thread count.
+// Output tiles: a grid of equal tiles (at most 256 x 512), split further (columns first)
+// while there are fewer than kMinTiles, so a decode row's GEMM still spreads over a
+// server's cores, but never below kMinTileMacs of work: each tile is one oneDNN call with
+// ~10 us of set-up. Equal tiles keep the threads evenly loaded: 820 rows as 256-row tiles
+// (256, 256, 256, 52) left one of 2 threads 62% of the work, 1.3-1.4x the time of one
+// oneDNN call with its own threading, against 1.0-1.2x for equal tiles (2026-12-01; the
+// "dense tiles" column of benchmarks/bench_cpu_gemm.py). Columns are split in multiples
+// of 16 (a 512-bit vector of floats). A function of the shape alone, so the reduction
+// order (every bit of the result) does not depend on the thread count.
 constexpr int64_t kMaxTileRows = 256, kMaxTileCols = 512;
 constexpr int64_t kMinTileRows = 32, kMinTileCols = 64;
 constexpr int64_t kMinTiles = 16;
 constexpr double kMinTileMacs = 4194304;  // 2^22, ~35 us on one core
+constexpr int64_t kColumnMultiple = 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -74,18 +80,26 @@ struct Tiling {
 };
 
 Tiling tiling_for(int64_t M, int64_t K, int64_t N) {
-  Tiling t{std::min(M, kMaxTileRows), std::min(N, kMaxTileCols)};
-  auto tiles = [&] { return ceil_div(M, t.rows) * ceil_div(N, t.cols); };
-  auto macs = [&](int64_t rows, int64_t cols) {
+  int64_t row_tiles = ceil_div(M, kMaxTileRows), col_tiles = ceil_div(N, kMaxTileCols);
+  const auto rows_of = [&](int64_t tiles) { return ceil_div(M, tiles); };
+  const auto cols_of = [&](int64_t tiles) {
+    return std::min(N, ceil_div(ceil_div(N, tiles), kColumnMultiple) * kColumnMultiple);
+  };
+  const auto macs = [&](int64_t rows, int64_t cols) {
     return static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(K);
   };
-  while (tiles() < kMinTiles && t.cols >= 2 * kMinTileCols &&
-         macs(t.rows, ceil_div(t.cols, 2)) >= kMinTileMacs)
-    t.cols = ceil_div(t.cols, 2);
-  while (tiles() < kMinTiles && t.rows >= 2 * kMinTileRows &&
-         macs(ceil_div(t.rows, 2), t.cols) >= kMinTileMacs)
-    t.rows = ceil_div(t.rows, 2);
-  return t;
+  while (row_tiles * col_tiles < kMinTiles) {
+    const int64_t rows = rows_of(row_tiles), split_cols = cols_of(2 * col_tiles);
+    if (split_cols >= kMinTileCols && macs(rows, split_cols) >= kMinTileMacs) {
+      col_tiles *= 2;
+    } else if (rows_of(2 * row_tiles) >= kMinTileRows &&
+               macs(rows_of(2 * row_tiles), cols_of(col_tiles)) >= kMinTileMacs) {
+      row_tiles *= 2;
+    } else {
+      break;
+    }
+  }
+  return {rows_of(row_tiles), cols_of(col_tiles)};
 }
 
 // oneDNN (OpenMP build) sizes its team from omp_get_max_threads(): one thread per call,
@@ -101,35 +115,87 @@ class OneThreadPerCall {
 #endif
 };
 
-at::Tensor onednn_tiles(
-    const c10::TypedOperatorHandle<OneDnnLinear>& linear, const at::Tensor& rows,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const int64_t M = rows.size(0), N = weight.size(0);
-  const Tiling tile = tiling_for(M, rows.size(1), N);
-  const int64_t col_tiles = ceil_div(N, tile.cols);
-  at::Tensor out = at::empty({M, N}, rows.options());
-  // The workers call operators: they run in the caller's dispatch state (inference mode).
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, ceil_div(M, tile.rows) * col_tiles, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    OneThreadPerCall one_thread;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m0 = (i / col_tiles) * tile.rows, n0 = (i % col_tiles) * tile.cols;
-      const int64_t m1 = std::min(M, m0 + tile.rows), n1 = std::min(N, n0 + tile.cols);
-      c10::optional<at::Tensor> bias_tile;
-      if (bias.has_value()) bias_tile = bias->slice(0, n0, n1);
-      const at::Tensor y = linear.call(rows.slice(0, m0, m1), weight.slice(0, n0, n1), bias_tile,
-                                       "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
-      out.slice(0, m0, m1).slice(1, n0, n1).copy_(y);
-    }
-  });
-  return out;
+// One tile of a grouped product: rows [m0, m1) of group g times columns [n0, n1).
+struct TileItem {
+  int64_t group, m0, m1, n0, n1;
+};
+
+// Tiles of every group, sized from all groups' rows together (so T groups of a batch
+// get the large tiles the whole batch would, not T times the tiles of a small GEMM),
+// each group cut into equal row tiles, none crossing groups.
+std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K, int64_t N) {
+  int64_t total = 0;
+  for (const RowGroup& group : groups) total += group.count;
+  const Tiling tile = tiling_for(total, K, N);
+  std::vector<TileItem> items;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    const int64_t count = groups[g].count;
+    if (count == 0) continue;
+    const int64_t rows = ceil_div(count, ceil_div(count, tile.rows));
+    for (int64_t m0 = 0; m0 < count; m0 += rows)
+      for (int64_t n0 = 0; n0 < N; n0 += tile.cols)
+        items.push_back({g, m0, std::min(count, m0 + rows), n0, std::min(N, n0 + tile.cols)});
+  }
+  return items;
 }
 
-}  // namespace
+// Rows [m0, m1) of a group as a matrix: a slice of `input` when they are consecutive
+// rows of it, else a copy.
+at::Tensor group_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
+  if (group.rows == nullptr) return input.slice(0, m0, m1);
+  const int64_t* ids = group.rows + m0;
+  bool consecutive = true;
+  for (int64_t m = 1; m < m1 - m0 && consecutive; ++m) consecutive = ids[m] == ids[0] + m;
+  if (consecutive) return input.slice(0, ids[0], ids[0] + (m1 - m0));
+  const int64_t K = input.size(1);
+  at::Tensor gathered = at::empty({m1 - m0, K}, input.options());
+  const float* from = input.const_data_ptr<float>();
+  float* to = gathered.mutable_data_ptr<float>();
+  for (int64_t m = 0; m < m1 - m0; ++m)
+    std::memcpy(to + m * K, from + ids[m] * K, sizeof(float) * K);
+  return gathered;
+}
 
-at::Tensor linear_rows(
-    const at::Tensor& rows, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// Each group's rows of input (float32, contiguous) times its weight^T, + b, into the same
+// rows of out (float32, contiguous). Threads take tiles one at a time (tiles of different
+// groups differ in size); each tile's result is copied once, straight to its rows.
+void onednn_tiles(
+    const c10::TypedOperatorHandle<OneDnnLinear>& linear, const at::Tensor& input,
+    const std::vector<RowGroup>& groups, const c10::optional<at::Tensor>& bias,
+    at::Tensor& out) {
+  const int64_t N = out.size(1);
+  const std::vector<TileItem> items = tile_items(groups, input.size(1), N);
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  float* out_data = out.mutable_data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  // The workers call operators: they run in the caller's dispatch state (inference mode).
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_items), 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    OneThreadPerCall one_thread;
+    for (int64_t i = next++; i < num_items; i = next++) {
+      const TileItem& it = items[i];
+      const RowGroup& group = groups[it.group];
+      c10::optional<at::Tensor> bias_tile;
+      if (bias.has_value()) bias_tile = bias->slice(0, it.n0, it.n1);
+      const at::Tensor y =
+          linear
+              .call(group_rows(input, group, it.m0, it.m1), group.weight->slice(0, it.n0, it.n1),
+                    bias_tile, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
+              .contiguous();
+      const float* y_data = y.const_data_ptr<float>();
+      for (int64_t m = it.m0; m < it.m1; ++m) {
+        const int64_t target = group.rows ? group.rows[m] : m;
+        std::memcpy(out_data + target * N + it.n0, y_data + (m - it.m0) * (it.n1 - it.n0),
+                    sizeof(float) * (it.n1 - it.n0));
+      }
+    }
+  });
+}
+
+// linear_rows's choice of library: oneDNN's linear, or null for ATen.
+const c10::TypedOperatorHandle<OneDnnLinear>* onednn_for(
+    const at::Tensor& rows, const at::Tensor& weight) {
   const int64_t M = rows.size(0), K = rows.size(1), N = weight.size(0);
   const GemmChoice choice = gemm_choice();
   const c10::TypedOperatorHandle<OneDnnLinear>* linear =
@@ -139,13 +205,51 @@ at::Tensor linear_rows(
       weight.is_contiguous() &&
       (choice == GemmChoice::kOneDnn ||
        static_cast<double>(M) * static_cast<double>(K) * static_cast<double>(N) >= kOneDnnMinMacs);
-  if (use_onednn) {
-    c10::optional<at::Tensor> bias_c;
-    if (bias.has_value()) bias_c = bias->contiguous();
-    return onednn_tiles(*linear, rows.contiguous(), weight, bias_c);
+  return use_onednn ? linear : nullptr;
+}
+
+c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return c10::nullopt;
+  return bias->contiguous();
+}
+
+}  // namespace
+
+at::Tensor linear_rows(
+    const at::Tensor& rows, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (const auto* linear = onednn_for(rows, weight)) {
+    at::Tensor out = at::empty({rows.size(0), weight.size(0)}, rows.options());
+    onednn_tiles(*linear, rows.contiguous(), {{&weight, nullptr, rows.size(0)}},
+                 contiguous_bias(bias), out);
+    return out;
   }
   if (bias.has_value()) return at::addmm(*bias, rows, weight.t());
   return at::mm(rows, weight.t());
+}
+
+void grouped_linear_rows_into(
+    const at::Tensor& rows, const std::vector<RowGroup>& groups,
+    const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.size(0) == rows.size(0));
+  for (const RowGroup& group : groups)
+    TORCH_INTERNAL_ASSERT(group.weight->size(0) == out.size(1) && group.weight->is_contiguous() &&
+                          group.weight->scalar_type() == rows.scalar_type());
+  // The library is chosen for all groups' rows together, as the tiles are.
+  const auto* linear = out.scalar_type() == at::kFloat ? onednn_for(rows, *groups.front().weight)
+                                                      : nullptr;
+  if (linear != nullptr) {
+    onednn_tiles(*linear, rows.contiguous(), groups, contiguous_bias(bias), out);
+    return;
+  }
+  for (const RowGroup& group : groups) {
+    if (group.count == 0) continue;
+    if (group.rows == nullptr) {
+      out.slice(0, 0, group.count).copy_(linear_rows(rows.slice(0, 0, group.count), *group.weight, bias));
+      continue;
+    }
+    const at::Tensor ids = at::from_blob(const_cast<int64_t*>(group.rows), {group.count}, at::kLong);
+    out.index_copy_(0, ids, linear_rows(rows.index_select(0, ids), *group.weight, bias));
+  }
 }
 
 }  // namespace cpu
