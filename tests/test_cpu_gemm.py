@@ -66,6 +66,25 @@ def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
     assert_output_matches(out, x, layer, indices, weights)
 
 
+def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
+    """The grouped pass hands tiles to whichever thread is free: each tile is still one
+    call on one thread, so the output is bitwise the same for 1, 2 or 3 threads."""
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
+    layer = make_layer(5, 32, 70, 1030, seed=46)
+    x = make_x((500, 70), seed=47)
+    indices, weights = _grouped_routing(500, 5, generator(48))
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outputs.append(mass_ext.routed_linear(x, *layer.params, indices=indices,
+                                                  weights=weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
 def _zero_update_layer(rows, d_in, d_out, seed):
     """A layer whose low-rank update is exactly 0 (S = 0): the op's output is then its
     dense GEMM x W^T + b, bit for bit."""
