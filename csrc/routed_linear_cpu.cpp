@@ -449,7 +449,10 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
                        (S.select(0, slot.first).to(acc_type) * slot.second));
     V_T.push_back(V.select(0, slot.first).to(acc_type).t());
   }
-  return linear_rows(at::cat(scaled_U, 1), at::cat(V_T, 1).contiguous(), c10::nullopt).add_(W_acc);
+  // One slot (top-1): no concatenation (at::cat of transposed blocks is a slow strided copy).
+  const at::Tensor lhs = scaled_U.size() == 1 ? scaled_U.front() : at::cat(scaled_U, 1);
+  const at::Tensor rhs = V_T.size() == 1 ? V_T.front().contiguous() : at::cat(V_T, 1).contiguous();
+  return linear_rows(lhs, rhs, c10::nullopt).add_(W_acc);
 }
 
 // out (N, d_out) in the accumulation dtype: x W^T + b for every row, except that the rows
