@@ -112,17 +112,14 @@ TaskGroups group_slots_by_task(const int64_t* indices, int64_t num_slots, int64_
 // Rows of the pre-routed form whose kept slots hold the same (task, weight) pairs: with
 // enough of them, one merged weight W_g = W + sum_j w_j U_tj diag(S_tj) V_tj (d_out * d_in
 // * r multiply-adds per slot) and one GEMM over the group's rows cost less than the base
-// GEMM plus the shrink and expand (rows * r * (d_in + d_out) per slot). The group's rows
-// are copied out and its outputs back (unless it is the whole batch), which costs the same
-// for any r: small ranks never pay (r = 16 lost, r = 64 won in a sweep), so a group needs
-// at least kMergeMinRank rank rows in all, and kMergeFactor times the break-even rows
-// d_in * d_out / (d_in + d_out). Against large tasks' updates as GEMMs (update_large_tasks)
-// benchmarks/bench_merged_groups.py found merging about even at 1.5-2x (1.0-1.1x the time)
-// and ahead from 3x (0.85-1.0x; 0.75-0.9x at 8x). bench_model.py's top-1 batch (820 rows
-// per task, between the two for its MLP layers) timed 922 ms from 1.5x and 1066 ms from 3x
-// in 2-round runs, but 1099 ms from 1.5x in the full run: not settled (README). Large
-// batches (prefill, two-pass MASS with top-1) group; decode sizes and per-row weights
-// (softmax) never do.
+// GEMM plus the shrink and expand (rows * r * (d_in + d_out) per slot). Building W_g costs
+// the same at any group size and its rows are gathered per tile: small ranks never pay
+// (r = 16 lost, r = 64 won in a sweep), so a group needs at least kMergeMinRank rank rows
+// in all, and kMergeFactor times the break-even rows d_in * d_out / (d_in + d_out).
+// Against large tasks' updates as GEMMs (update_large_tasks), with all groups in one
+// grouped pass, benchmarks/bench_merged_groups.py found merging at 0.85-0.91x the time
+// from 2x and 0.70-0.85x from 4x (2026-12-01). Large batches (prefill, two-pass MASS with
+// top-1) group; decode sizes and per-row weights (softmax) never do.
 constexpr double kMergeFactor = 1.5;
 constexpr int64_t kMergeMinRows = 64;
 constexpr int64_t kMergeMinRank = 32;
