@@ -129,8 +129,8 @@ struct MergedGroup {
   std::vector<int64_t> rows;
 };
 
-// MASS_EXT_CPU_MERGE=0 turns merging off: every row takes the low-rank path (the tests of
-// that path at any size, comparisons). Read per call: set it before threads call the op.
+// MASS_EXT_CPU_MERGE=0 turns merged and task-set groups off: every row takes the low-rank
+// path (the tests of that path at any size, comparisons). Read per call: set it before threads call the op.
 bool merging_enabled() {
   const char* setting = std::getenv("MASS_EXT_CPU_MERGE");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
@@ -452,35 +452,150 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
   return linear_rows(lhs, rhs, c10::nullopt).add_(W_acc);
 }
 
-// out (N, d_out) in the accumulation dtype: x W^T + b for every row, except that the rows
-// of each merged group get x W_group^T + b instead, all groups in one grouped GEMM; their
-// slots in low_rank_idx (a copy then) become -1, leaving only the other rows' low-rank
-// updates to the shrink and expand.
+// Rows outside the merged groups whose kept slots name the same tasks (their weights may
+// differ, softmax's do), at least kConcatMinRows of them: per tile, x W^T + b and
+// [w_1 h_1 | ... | w_m h_m] [U_t1 | ... | U_tm]^T (two oneDNN calls, summed as the tile is
+// written), where h_j = S_tj (x V_tj^T) (one grouped GEMM for every such slot first).
+// The same multiply-adds as the base GEMM plus the low-rank update, at the GEMM's speed,
+// with no second pass over the output. (One GEMM against [W | U] would copy W per group:
+// that cost more than it saved.) In pass 2 of bench_model.py's
+// batch: 0.89-0.93x the time of update_large_tasks' GEMMs and index_add at top-2, even at
+// top-1 (2026-12-01, interleaved A/B).
+constexpr int64_t kConcatMinRows = 32;
+
+struct ConcatGroup {
+  std::vector<int64_t> tasks;  // the kept slots' tasks, sorted (a task may repeat)
+  std::vector<int64_t> rows;
+  std::vector<int64_t> slots;  // row m's slot for tasks[j] at m * tasks.size() + j
+};
+
+// The concatenation groups among the rows whose slots in open_idx are still open.
+std::vector<ConcatGroup> concat_groups(const int64_t* open_idx, int64_t N, int64_t k) {
+  if (N < kConcatMinRows) return {};
+  std::map<std::vector<int64_t>, ConcatGroup> by_tasks;
+  std::vector<std::pair<int64_t, int64_t>> kept;  // (task, slot)
+  std::vector<int64_t> tasks;
+  for (int64_t n = 0; n < N; ++n) {
+    kept.clear();
+    for (int64_t j = 0; j < k; ++j)
+      if (open_idx[n * k + j] >= 0) kept.emplace_back(open_idx[n * k + j], n * k + j);
+    if (kept.empty()) continue;
+    std::sort(kept.begin(), kept.end());
+    tasks.clear();
+    for (const auto& slot : kept) tasks.push_back(slot.first);
+    ConcatGroup& group = by_tasks[tasks];
+    group.rows.push_back(n);
+    for (const auto& slot : kept) group.slots.push_back(slot.second);
+  }
+  std::vector<ConcatGroup> groups;
+  for (auto& entry : by_tasks) {
+    if (static_cast<int64_t>(entry.second.rows.size()) < kConcatMinRows) continue;
+    entry.second.tasks = entry.first;
+    groups.push_back(std::move(entry.second));
+  }
+  return groups;
+}
+
+// h[slot] = S_t (x_row V_t^T) for every slot of the concatenation groups (h: (N k, r)),
+// one grouped GEMM over the tasks.
+void concat_projections(const at::Tensor& rows_acc, const at::Tensor& S, const at::Tensor& V,
+                        const std::vector<ConcatGroup>& concat, at::Tensor& h) {
+  const int64_t T = V.size(0);
+  std::vector<std::vector<int64_t>> rows_of(T), slots_of(T);
+  for (const ConcatGroup& group : concat) {
+    const int64_t m = static_cast<int64_t>(group.tasks.size());
+    for (size_t i = 0; i < group.rows.size(); ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        rows_of[group.tasks[j]].push_back(group.rows[i]);
+        slots_of[group.tasks[j]].push_back(group.slots[i * m + j]);
+      }
+  }
+  std::vector<at::Tensor> scaled_V;
+  scaled_V.reserve(T);
+  std::vector<RowGroup> gemms;
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows_of[t].empty()) continue;
+    scaled_V.push_back((V.select(0, t).to(h.scalar_type()) *
+                        S.select(0, t).to(h.scalar_type()).unsqueeze(1)).contiguous());
+    RowGroup gemm{&scaled_V.back(), rows_of[t].data(), static_cast<int64_t>(rows_of[t].size())};
+    gemm.out_rows = slots_of[t].data();
+    gemms.push_back(gemm);
+  }
+  if (!gemms.empty()) grouped_linear_rows_into(rows_acc, gemms, c10::nullopt, h);
+}
+
+// The concatenation group's update rows [m0, m1): [w_1 h_1 | ... | w_m h_m].
+template <typename acc_t>
+void fill_weighted_h(const ConcatGroup& group, const acc_t* h, const acc_t* w, int64_t r,
+                     int64_t m0, int64_t m1, at::Tensor& dst) {
+  const int64_t m = static_cast<int64_t>(group.tasks.size());
+  acc_t* out = dst.mutable_data_ptr<acc_t>();
+  for (int64_t i = m0; i < m1; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t slot = group.slots[i * m + j];
+      const acc_t weight = w[slot];
+      const acc_t* h_slot = h + slot * r;
+      acc_t* block = out + ((i - m0) * m + j) * r;
+      for (int64_t q = 0; q < r; ++q) block[q] = weight * h_slot[q];
+    }
+}
+
+// out (N, d_out) in the accumulation dtype, in one grouped GEMM: x W_group^T + b for the
+// rows of each merged group, [x | w h] [W | U]^T + b for the rows of each concatenation
+// group, x W^T + b for every other row. Their slots in open_idx (a copy then) become -1,
+// leaving only the other rows' low-rank updates to the shrink and expand.
 at::Tensor dense_part(
     const at::Tensor& rows_acc, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-    const std::vector<MergedGroup>& merged, int64_t top_k, at::Tensor& low_rank_idx) {
-  if (merged.empty()) return dense_base(rows_acc, weight, bias);
+    const at::Tensor& U, const at::Tensor& S, const at::Tensor& V, const at::Tensor& w,
+    const std::vector<MergedGroup>& merged, int64_t top_k, at::Tensor& open_idx) {
   const at::ScalarType acc_type = rows_acc.scalar_type();
-  const int64_t N = rows_acc.size(0);
+  const int64_t N = rows_acc.size(0), r = V.size(1);
+  open_idx = open_idx.clone();
+  int64_t* open_slots = open_idx.mutable_data_ptr<int64_t>();
+  for (const MergedGroup& group : merged)
+    for (const int64_t n : group.rows)
+      std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
+  const std::vector<ConcatGroup> concat =
+      r > 0 && merging_enabled() ? concat_groups(open_slots, N, top_k)
+                                 : std::vector<ConcatGroup>{};
+  if (merged.empty() && concat.empty()) return dense_base(rows_acc, weight, bias);
+
   const at::Tensor W_acc = weight.to(acc_type).contiguous();
-  low_rank_idx = low_rank_idx.clone();
-  int64_t* open_slots = low_rank_idx.mutable_data_ptr<int64_t>();
-  std::vector<char> is_merged(N, 0);
-  std::vector<at::Tensor> W_groups;
-  W_groups.reserve(merged.size());
+  std::vector<char> is_grouped(N, 0);
+  std::vector<at::Tensor> group_weights;  // reserved: the RowGroups point into it
+  group_weights.reserve(merged.size() + concat.size());
   std::vector<RowGroup> gemms;
   for (const MergedGroup& group : merged) {
-    W_groups.push_back(merged_weight(W_acc, U, S, V, group.slots));
-    gemms.push_back({&W_groups.back(), group.rows.data(), static_cast<int64_t>(group.rows.size())});
+    group_weights.push_back(merged_weight(W_acc, U, S, V, group.slots));
+    gemms.push_back({&group_weights.back(), group.rows.data(), static_cast<int64_t>(group.rows.size())});
+    for (const int64_t n : group.rows) is_grouped[n] = 1;
+  }
+  at::Tensor h = at::empty({N * top_k, r}, rows_acc.options());
+  concat_projections(rows_acc, S, V, concat, h);
+  for (const ConcatGroup& group : concat) {
+    std::vector<at::Tensor> blocks;
+    for (const int64_t t : group.tasks) blocks.push_back(U.select(0, t).to(acc_type));
+    // [U_t1 | ... | U_tm] row-major: one copy of each block (U is often column-major).
+    group_weights.push_back(blocks.size() == 1 ? blocks.front().contiguous() : at::cat(blocks, 1));
+    RowGroup gemm{&W_acc, group.rows.data(), static_cast<int64_t>(group.rows.size())};
+    gemm.extra_weight = &group_weights.back();
+    gemm.extra_rows = [&group, &h, &w, r](int64_t m0, int64_t m1, at::Tensor& dst) {
+      if (dst.scalar_type() == at::kDouble)
+        fill_weighted_h<double>(group, h.const_data_ptr<double>(), w.const_data_ptr<double>(), r,
+                                m0, m1, dst);
+      else
+        fill_weighted_h<float>(group, h.const_data_ptr<float>(), w.const_data_ptr<float>(), r,
+                               m0, m1, dst);
+    };
+    gemms.push_back(gemm);
     for (const int64_t n : group.rows) {
-      is_merged[n] = 1;
+      is_grouped[n] = 1;
       std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
     }
   }
   std::vector<int64_t> rest;
   for (int64_t n = 0; n < N; ++n)
-    if (!is_merged[n]) rest.push_back(n);
+    if (!is_grouped[n]) rest.push_back(n);
   if (!rest.empty()) gemms.push_back({&W_acc, rest.data(), static_cast<int64_t>(rest.size())});
   c10::optional<at::Tensor> bias_acc;
   if (bias.has_value()) bias_acc = bias->to(acc_type);
@@ -509,7 +624,7 @@ at::Tensor routed_linear_prerouted_cpu(
   const at::Tensor rows_acc = rows.to(acc_type);
   const std::vector<MergedGroup> merged = merged_groups(idx_data, w, d, top_k);
   at::Tensor low_rank_idx = idx;  // the slots the shrink and expand below still serve
-  at::Tensor out = dense_part(rows_acc, weight, bias, U, S, V, merged, top_k, low_rank_idx);
+  at::Tensor out = dense_part(rows_acc, weight, bias, U, S, V, w, merged, top_k, low_rank_idx);
   const at::Tensor U_c = expand_layout(U), S_c = S.contiguous(), V_c = V.contiguous();
   // The shrink of a large task is a GEMM too: h = w * S_t * (x V_t^T) over its rows.
   const TaskGroups groups = update_large_tasks(

@@ -13,7 +13,7 @@ import mass_ext
 
 from .cases import CASES, MAIN_DTYPES, PREROUTED_CASES, prerouted_indices
 from .helpers import assert_output_matches, generator, make_layer, make_x, strided_like
-from .test_kernel_vs_reference import _check_case, _grouped_routing
+from .test_kernel_vs_reference import _check_case, _grouped_routing, _task_set_routing
 
 pytestmark = pytest.mark.skipif(mass_ext.backend() != "cpp", reason="C++ extension not built")
 
@@ -64,25 +64,31 @@ def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
     indices, weights = _grouped_routing(500, T, generator(45))
     out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
     assert_output_matches(out, x, layer, indices, weights)
+    # Task sets with weights of their own: [x | w h] against [W | U], two GEMMs per tile.
+    indices, weights = _task_set_routing(500, T, generator(49))
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(out, x, layer, indices, weights)
 
 
 def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
     """The grouped pass hands tiles to whichever thread is free: each tile is still one
-    call on one thread, so the output is bitwise the same for 1, 2 or 3 threads."""
+    call (two for task-set groups) on one thread, so the output is bitwise the same for
+    1, 2 or 3 threads, for merged groups and for task-set groups."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     layer = make_layer(5, 32, 70, 1030, seed=46)
     x = make_x((500, 70), seed=47)
-    indices, weights = _grouped_routing(500, 5, generator(48))
     threads = torch.get_num_threads()
-    try:
-        outputs = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            outputs.append(mass_ext.routed_linear(x, *layer.params, indices=indices,
-                                                  weights=weights))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    for indices, weights in (_grouped_routing(500, 5, generator(48)),
+                             _task_set_routing(500, 5, generator(48))):
+        try:
+            outputs = []
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                outputs.append(mass_ext.routed_linear(x, *layer.params, indices=indices,
+                                                      weights=weights))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
 def _zero_update_layer(rows, d_in, d_out, seed):

@@ -170,6 +170,52 @@ def test_prerouted_large_groups_match_reference(dtype, layout):
     assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
 
 
+def _task_set_routing(n_rows, T, g):
+    """(indices, weights) (n_rows, 2): rows sharing a task set with weights of their own
+    (as softmax gives), so never merged: a set in both slot orders, a task twice, one task
+    with the other slot dropped, a set one row short of the kernel's 32, single rows,
+    rows with nothing selected; shuffled."""
+    sets = [((0, 1), 60), ((1, 0), 40), ((2, 2), 45), ((T - 1, -1), 50), ((1, 2), 31)]
+    indices = []
+    for tasks, count in sets:
+        indices += [tasks] * count
+    indices += [(-1, -1)] * 4
+    indices += [(t % T, (t + 2) % T) for t in range(n_rows - len(indices))]
+    weights = torch.rand(n_rows, 2, generator=g) + 0.1
+    order = torch.randperm(n_rows, generator=g)
+    return torch.tensor(indices)[order], weights[order]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
+def test_prerouted_task_set_groups_match_reference(dtype, layout):
+    """Rows whose slots name the same tasks, each with weights of its own: the kernel runs
+    a group of 32 or more as one GEMM of [x | w h] against [W | U] (the slots sorted by
+    task, so (0, 1) and (1, 0) share one), the rest through the low-rank path; every row
+    as the reference computes it, and as the low-rank path alone does."""
+    T, d_in, d_out = 4, 40, 56
+    layer = make_layer(T, 12, d_in, d_out, dtype=dtype, seed=50)
+    x = strided_like(make_x((300, d_in), dtype, seed=51), layout)
+    indices, weights = _task_set_routing(300, T, generator(52))
+    for params in (layer.params, _strided_params(layer)):
+        out = mass_ext.routed_linear(x, *params, indices=indices, weights=weights)
+        assert_output_matches(out, x, layer, indices, weights)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MASS_EXT_CPU_MERGE", "0")
+        low_rank = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(low_rank, x, layer, indices, weights)
+    if dtype in (torch.float32, torch.float64):
+        assert not torch.equal(low_rank, out)       # the other path did run
+    # A NaN weight or input row spoils only its own output.
+    x, weights = x.clone(), weights.clone()
+    x[int(((indices == torch.tensor([0, 1])).all(-1)).nonzero()[0])] = float("nan")
+    weights[int(((indices == torch.tensor([2, 2])).all(-1)).nonzero()[0]), 1] = float("nan")
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    bad = x.isnan().any(-1) | weights.isnan().any(-1)
+    assert bool(out[bad].isnan().any(-1).all()) and bool(out[~bad].isfinite().all())
+    assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
+
+
 @pytest.mark.parametrize("weights_dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_prerouted_weights_in_another_dtype(weights_dtype):
     layer = make_layer(8, 16, 64, 65, seed=8)

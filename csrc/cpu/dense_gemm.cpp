@@ -139,21 +139,34 @@ std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K,
   return items;
 }
 
-// Rows [m0, m1) of a group as a matrix: a slice of `input` when they are consecutive
-// rows of it, else a copy.
+// Rows [m0, m1) of a group as a matrix: a slice of `input` (contiguous) when they are
+// consecutive rows of it, else a copy.
 at::Tensor group_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
   if (group.rows == nullptr) return input.slice(0, m0, m1);
   const int64_t* ids = group.rows + m0;
   bool consecutive = true;
   for (int64_t m = 1; m < m1 - m0 && consecutive; ++m) consecutive = ids[m] == ids[0] + m;
   if (consecutive) return input.slice(0, ids[0], ids[0] + (m1 - m0));
-  const int64_t K = input.size(1);
-  at::Tensor gathered = at::empty({m1 - m0, K}, input.options());
-  const float* from = input.const_data_ptr<float>();
-  float* to = gathered.mutable_data_ptr<float>();
+  at::Tensor gathered = at::empty({m1 - m0, input.size(1)}, input.options());
+  const int64_t row_bytes = input.size(1) * input.element_size();
+  const char* from = static_cast<const char*>(input.const_data_ptr());
+  char* to = static_cast<char*>(gathered.mutable_data_ptr());
   for (int64_t m = 0; m < m1 - m0; ++m)
-    std::memcpy(to + m * K, from + ids[m] * K, sizeof(float) * K);
+    std::memcpy(to + m * row_bytes, from + ids[m] * row_bytes, row_bytes);
   return gathered;
+}
+
+// The second product's input rows [m0, m1) of a group.
+at::Tensor extra_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
+  at::Tensor rows = at::empty({m1 - m0, group.extra_weight->size(1)}, input.options());
+  group.extra_rows(m0, m1, rows);
+  return rows;
+}
+
+// The output row of a group's row m.
+int64_t output_row(const RowGroup& group, int64_t m) {
+  if (group.out_rows != nullptr) return group.out_rows[m];
+  return group.rows != nullptr ? group.rows[m] : m;
 }
 
 // Each group's rows of input (float32, contiguous) times its weight^T, + b, into the same
@@ -178,16 +191,31 @@ void onednn_tiles(
       const RowGroup& group = groups[it.group];
       c10::optional<at::Tensor> bias_tile;
       if (bias.has_value()) bias_tile = bias->slice(0, it.n0, it.n1);
+      const int64_t cols = it.n1 - it.n0;
       const at::Tensor y =
           linear
               .call(group_rows(input, group, it.m0, it.m1), group.weight->slice(0, it.n0, it.n1),
                     bias_tile, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
               .contiguous();
       const float* y_data = y.const_data_ptr<float>();
+      if (group.extra_weight == nullptr) {
+        for (int64_t m = it.m0; m < it.m1; ++m)
+          std::memcpy(out_data + output_row(group, m) * N + it.n0, y_data + (m - it.m0) * cols,
+                      sizeof(float) * cols);
+        continue;
+      }
+      const at::Tensor y2 =
+          linear
+              .call(extra_rows(input, group, it.m0, it.m1),
+                    group.extra_weight->slice(0, it.n0, it.n1), c10::nullopt, "none",
+                    c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
+              .contiguous();
+      const float* y2_data = y2.const_data_ptr<float>();
       for (int64_t m = it.m0; m < it.m1; ++m) {
-        const int64_t target = group.rows ? group.rows[m] : m;
-        std::memcpy(out_data + target * N + it.n0, y_data + (m - it.m0) * (it.n1 - it.n0),
-                    sizeof(float) * (it.n1 - it.n0));
+        float* target = out_data + output_row(group, m) * N + it.n0;
+        const float* a = y_data + (m - it.m0) * cols;
+        const float* b = y2_data + (m - it.m0) * cols;
+        for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c];
       }
     }
   });
@@ -230,10 +258,16 @@ at::Tensor linear_rows(
 void grouped_linear_rows_into(
     const at::Tensor& rows, const std::vector<RowGroup>& groups,
     const c10::optional<at::Tensor>& bias, at::Tensor& out) {
-  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.size(0) == rows.size(0));
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && !groups.empty());
   for (const RowGroup& group : groups)
-    TORCH_INTERNAL_ASSERT(group.weight->size(0) == out.size(1) && group.weight->is_contiguous() &&
-                          group.weight->scalar_type() == rows.scalar_type());
+    TORCH_INTERNAL_ASSERT(
+        group.weight->size(0) == out.size(1) && group.weight->is_contiguous() &&
+        group.weight->scalar_type() == rows.scalar_type() &&
+        group.weight->size(1) == rows.size(1) &&
+        (group.extra_weight == nullptr ||
+         (group.extra_rows && group.extra_weight->size(0) == out.size(1) &&
+          group.extra_weight->is_contiguous() &&
+          group.extra_weight->scalar_type() == rows.scalar_type())));
   // The library is chosen for all groups' rows together, as the tiles are.
   const auto* linear = out.scalar_type() == at::kFloat ? onednn_for(rows, *groups.front().weight)
                                                       : nullptr;
@@ -241,14 +275,16 @@ void grouped_linear_rows_into(
     onednn_tiles(*linear, rows.contiguous(), groups, contiguous_bias(bias), out);
     return;
   }
+  const at::Tensor input = rows.contiguous();
   for (const RowGroup& group : groups) {
     if (group.count == 0) continue;
-    if (group.rows == nullptr) {
-      out.slice(0, 0, group.count).copy_(linear_rows(rows.slice(0, 0, group.count), *group.weight, bias));
-      continue;
-    }
-    const at::Tensor ids = at::from_blob(const_cast<int64_t*>(group.rows), {group.count}, at::kLong);
-    out.index_copy_(0, ids, linear_rows(rows.index_select(0, ids), *group.weight, bias));
+    at::Tensor product = linear_rows(group_rows(input, group, 0, group.count), *group.weight, bias);
+    if (group.extra_weight != nullptr)
+      product.add_(linear_rows(extra_rows(input, group, 0, group.count), *group.extra_weight,
+                               c10::nullopt));
+    std::vector<int64_t> targets(group.count);
+    for (int64_t m = 0; m < group.count; ++m) targets[m] = output_row(group, m);
+    out.index_copy_(0, at::tensor(targets, at::kLong), product);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <functional>
 #include <vector>
 
 namespace mass_ext {
@@ -20,17 +21,25 @@ namespace cpu {
 at::Tensor linear_rows(
     const at::Tensor& rows, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// One product of a grouped GEMM: `count` rows of the input (their ids, or null for the
-// first `count` rows in order) times weight^T (contiguous, the input's dtype). Non-owning.
+// One product of a grouped GEMM: `count` rows of the shared input (rows[m], or m when
+// rows is null) times weight^T (contiguous, (N, K), the input's dtype), plus, when
+// extra_weight is given, the rows extra_rows writes times extra_weight^T ((N, K2),
+// contiguous); row m lands in row out_rows[m] of the output (out_rows null: the input
+// row). Non-owning.
 struct RowGroup {
   const at::Tensor* weight;
   const int64_t* rows;
   int64_t count;
+  const int64_t* out_rows = nullptr;
+  const at::Tensor* extra_weight = nullptr;
+  // extra_rows(m0, m1, dst): the second product's input rows [m0, m1) into dst
+  // ((m1 - m0, K2), contiguous, the input's dtype).
+  std::function<void(int64_t, int64_t, at::Tensor&)> extra_rows = nullptr;
 };
 
-// For each group, its rows of `rows` (M, K) times its weight^T, + bias, written into the
-// same rows of out (M, N), contiguous, rows' dtype); rows in no group are left as they
-// are. Groups hold distinct rows and at least one group is given. On the oneDNN path all
+// For each group, its input rows times its weight^T, + bias, written into its output rows
+// of out ((*, N), contiguous, rows' dtype); rows in no group are left as they are. Output
+// rows are distinct across groups and at least one group is given. On the oneDNN path all
 // groups' tiles run in one parallel pass, sized from their rows together.
 void grouped_linear_rows_into(
     const at::Tensor& rows, const std::vector<RowGroup>& groups,
