@@ -453,7 +453,7 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
 }
 
 // Rows outside the merged groups whose kept slots name the same tasks (their weights may
-// differ, softmax's do), at least kConcatMinRows of them: per tile, x W^T + b and
+// differ, softmax's do), at least kTaskSetMinRows of them: per tile, x W^T + b and
 // [w_1 h_1 | ... | w_m h_m] [U_t1 | ... | U_tm]^T (two oneDNN calls, summed as the tile is
 // written), where h_j = S_tj (x V_tj^T) (one grouped GEMM for every such slot first).
 // The same multiply-adds as the base GEMM plus the low-rank update, at the GEMM's speed,
@@ -461,18 +461,18 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
 // that cost more than it saved.) In pass 2 of bench_model.py's
 // batch: 0.89-0.93x the time of update_large_tasks' GEMMs and index_add at top-2, even at
 // top-1 (2026-12-01, interleaved A/B).
-constexpr int64_t kConcatMinRows = 32;
+constexpr int64_t kTaskSetMinRows = 32;
 
-struct ConcatGroup {
+struct TaskSetGroup {
   std::vector<int64_t> tasks;  // the kept slots' tasks, sorted (a task may repeat)
   std::vector<int64_t> rows;
   std::vector<int64_t> slots;  // row m's slot for tasks[j] at m * tasks.size() + j
 };
 
-// The concatenation groups among the rows whose slots in open_idx are still open.
-std::vector<ConcatGroup> concat_groups(const int64_t* open_idx, int64_t N, int64_t k) {
-  if (N < kConcatMinRows) return {};
-  std::map<std::vector<int64_t>, ConcatGroup> by_tasks;
+// The task-set groups among the rows whose slots in open_idx are still open.
+std::vector<TaskSetGroup> task_set_groups(const int64_t* open_idx, int64_t N, int64_t k) {
+  if (N < kTaskSetMinRows) return {};
+  std::map<std::vector<int64_t>, TaskSetGroup> by_tasks;
   std::vector<std::pair<int64_t, int64_t>> kept;  // (task, slot)
   std::vector<int64_t> tasks;
   for (int64_t n = 0; n < N; ++n) {
@@ -483,26 +483,26 @@ std::vector<ConcatGroup> concat_groups(const int64_t* open_idx, int64_t N, int64
     std::sort(kept.begin(), kept.end());
     tasks.clear();
     for (const auto& slot : kept) tasks.push_back(slot.first);
-    ConcatGroup& group = by_tasks[tasks];
+    TaskSetGroup& group = by_tasks[tasks];
     group.rows.push_back(n);
     for (const auto& slot : kept) group.slots.push_back(slot.second);
   }
-  std::vector<ConcatGroup> groups;
+  std::vector<TaskSetGroup> groups;
   for (auto& entry : by_tasks) {
-    if (static_cast<int64_t>(entry.second.rows.size()) < kConcatMinRows) continue;
+    if (static_cast<int64_t>(entry.second.rows.size()) < kTaskSetMinRows) continue;
     entry.second.tasks = entry.first;
     groups.push_back(std::move(entry.second));
   }
   return groups;
 }
 
-// h[slot] = S_t (x_row V_t^T) for every slot of the concatenation groups (h: (N k, r)),
+// h[slot] = S_t (x_row V_t^T) for every slot of the task-set groups (h: (N k, r)),
 // one grouped GEMM over the tasks.
-void concat_projections(const at::Tensor& rows_acc, const at::Tensor& S, const at::Tensor& V,
-                        const std::vector<ConcatGroup>& concat, at::Tensor& h) {
+void task_set_projections(const at::Tensor& rows_acc, const at::Tensor& S, const at::Tensor& V,
+                        const std::vector<TaskSetGroup>& task_sets, at::Tensor& h) {
   const int64_t T = V.size(0);
   std::vector<std::vector<int64_t>> rows_of(T), slots_of(T);
-  for (const ConcatGroup& group : concat) {
+  for (const TaskSetGroup& group : task_sets) {
     const int64_t m = static_cast<int64_t>(group.tasks.size());
     for (size_t i = 0; i < group.rows.size(); ++i)
       for (int64_t j = 0; j < m; ++j) {
@@ -524,9 +524,9 @@ void concat_projections(const at::Tensor& rows_acc, const at::Tensor& S, const a
   if (!gemms.empty()) grouped_linear_rows_into(rows_acc, gemms, c10::nullopt, h);
 }
 
-// The concatenation group's update rows [m0, m1): [w_1 h_1 | ... | w_m h_m].
+// The task-set group's update rows [m0, m1): [w_1 h_1 | ... | w_m h_m].
 template <typename acc_t>
-void fill_weighted_h(const ConcatGroup& group, const acc_t* h, const acc_t* w, int64_t r,
+void fill_weighted_h(const TaskSetGroup& group, const acc_t* h, const acc_t* w, int64_t r,
                      int64_t m0, int64_t m1, at::Tensor& dst) {
   const int64_t m = static_cast<int64_t>(group.tasks.size());
   acc_t* out = dst.mutable_data_ptr<acc_t>();
@@ -541,7 +541,7 @@ void fill_weighted_h(const ConcatGroup& group, const acc_t* h, const acc_t* w, i
 }
 
 // out (N, d_out) in the accumulation dtype, in one grouped GEMM: x W_group^T + b for the
-// rows of each merged group, [x | w h] [W | U]^T + b for the rows of each concatenation
+// rows of each merged group, x W^T + b + [w h] [U]^T for the rows of each task-set
 // group, x W^T + b for every other row. Their slots in open_idx (a copy then) become -1,
 // leaving only the other rows' low-rank updates to the shrink and expand.
 at::Tensor dense_part(
@@ -555,15 +555,15 @@ at::Tensor dense_part(
   for (const MergedGroup& group : merged)
     for (const int64_t n : group.rows)
       std::fill(open_slots + n * top_k, open_slots + (n + 1) * top_k, int64_t{-1});
-  const std::vector<ConcatGroup> concat =
-      r > 0 && merging_enabled() ? concat_groups(open_slots, N, top_k)
-                                 : std::vector<ConcatGroup>{};
-  if (merged.empty() && concat.empty()) return dense_base(rows_acc, weight, bias);
+  const std::vector<TaskSetGroup> task_sets =
+      r > 0 && merging_enabled() ? task_set_groups(open_slots, N, top_k)
+                                 : std::vector<TaskSetGroup>{};
+  if (merged.empty() && task_sets.empty()) return dense_base(rows_acc, weight, bias);
 
   const at::Tensor W_acc = weight.to(acc_type).contiguous();
   std::vector<char> is_grouped(N, 0);
   std::vector<at::Tensor> group_weights;  // reserved: the RowGroups point into it
-  group_weights.reserve(merged.size() + concat.size());
+  group_weights.reserve(merged.size() + task_sets.size());
   std::vector<RowGroup> gemms;
   for (const MergedGroup& group : merged) {
     group_weights.push_back(merged_weight(W_acc, U, S, V, group.slots));
@@ -571,8 +571,8 @@ at::Tensor dense_part(
     for (const int64_t n : group.rows) is_grouped[n] = 1;
   }
   at::Tensor h = at::empty({N * top_k, r}, rows_acc.options());
-  concat_projections(rows_acc, S, V, concat, h);
-  for (const ConcatGroup& group : concat) {
+  task_set_projections(rows_acc, S, V, task_sets, h);
+  for (const TaskSetGroup& group : task_sets) {
     std::vector<at::Tensor> blocks;
     for (const int64_t t : group.tasks) blocks.push_back(U.select(0, t).to(acc_type));
     // [U_t1 | ... | U_tm] row-major: one copy of each block (U is often column-major).
