@@ -74,6 +74,20 @@ def test_self_routed_matches_reference(case, dtype):
     _check_case(case, dtype)
 
 
+MANY_ROWS_CASES = [
+    # hundreds of rows over few tasks, every weighting: the large tasks' updates as GEMMs
+    Case((300,), 64, 65, 3, 16, 2, "softmax", 1.0, 0.0, True, "contiguous"),
+    Case((4, 75), 40, 56, 2, 12, 1, "uniform", 1.0, 0.0, False, "transposed"),
+    Case((300,), 48, 40, 3, 8, 3, "renormalized", 0.5, 0.2, True, "column_slice"),
+]
+
+
+@pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
+@pytest.mark.parametrize("case", MANY_ROWS_CASES, ids=str)
+def test_self_routed_many_rows_match_reference(case, dtype):
+    _check_case(case, dtype)
+
+
 @pytest.mark.parametrize("dtype", EXTRA_DTYPES, ids=str)
 @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
 def test_self_routed_matches_reference_extra_dtypes(case, dtype):
