@@ -458,7 +458,9 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
 // written), where h_j = S_tj (x V_tj^T) (one grouped GEMM for every such slot first).
 // The same multiply-adds as the base GEMM plus the low-rank update, at the GEMM's speed,
 // with no second pass over the output. (One GEMM against [W | U] would copy W per group:
-// that cost more than it saved.) In pass 2 of bench_model.py's
+// that cost more than it saved. The self-routed op does not use them: per-layer MASS ran
+// 1.08-1.13x slower with them at ~300 rows per task, more and smaller oneDNN calls than
+// its one dense GEMM plus update_large_tasks, and 0.97x at ~800; 2026-12-01.) In pass 2 of bench_model.py's
 // batch: 0.89-0.93x the time of update_large_tasks' GEMMs and index_add at top-2, even at
 // top-1 (2026-12-01, interleaved A/B).
 constexpr int64_t kTaskSetMinRows = 32;
