@@ -1,12 +1,16 @@
 """Pre-routed CPU op on large batches: a group of rows sharing one task set (and weights)
 runs through one merged weight W + sum_j w_j U_j S_j V_j when it is large enough, instead
-of the base GEMM plus the low-rank shrink and expand (csrc/routed_linear_cpu.cpp,
-merged_groups). This measures where that pays.
+of its base GEMM plus its low-rank update (csrc/routed_linear_cpu.cpp, merged_groups).
+This measures where that pays against the path rows with weights of their own take:
+task-set groups (x W^T + b and [w h] U^T per tile, after one grouped GEMM for h), or,
+under MASS_EXT_CPU_MERGE=0 (the column "low-rank"), the large tasks' GEMM updates.
 
 Each case: T tasks, k = 1, the N rows split evenly over the tasks, `rows/task` a multiple
 of the break-even d_in * d_out / (d_in + d_out). Providers, taking turns every round:
-  grouped    weights 1 (the groups merge once they hold >= 2.5x the break-even rows)
-  per_row    weights 1 + 1e-7 * row (no two rows share a weight: always the low-rank path)
+  grouped    weights 1 (the groups merge once they hold >= 1.5x the break-even rows)
+  per_row    weights 1 + 1e-7 * row (no two rows share a weight: never merged, a
+             task-set group per task)
+  low_rank   per_row's call with MASS_EXT_CPU_MERGE=0 (no groups of either kind)
   floor      F.linear(x, W, b): the layer without any task
 The same FLOPs would be spent by both routed providers without merging.
 
@@ -33,6 +37,19 @@ SHAPES = [(384, 384, 5, 76), (384, 1536, 5, 76), (768, 768, 8, 96)]
 MULTIPLES = (1.0, 2.0, 2.5, 4.0, 8.0)
 
 
+def without_groups(call):
+    """call() with MASS_EXT_CPU_MERGE=0: no merged or task-set groups."""
+    saved = os.environ.get("MASS_EXT_CPU_MERGE")
+    os.environ["MASS_EXT_CPU_MERGE"] = "0"
+    try:
+        return call()
+    finally:
+        if saved is None:
+            os.environ.pop("MASS_EXT_CPU_MERGE", None)
+        else:
+            os.environ["MASS_EXT_CPU_MERGE"] = saved
+
+
 def run(rounds: int, min_run_time: float, shapes=SHAPES, multiples=MULTIPLES) -> dict:
     rows = []
     for d_in, d_out, T, r in shapes:
@@ -53,10 +70,13 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES, multiples=MULTIPLES) ->
                                                           weights=ones),
                 "per_row": lambda: mass_ext.routed_linear(x, W, b, U, S, V, indices=indices,
                                                           weights=distinct),
+                "low_rank": lambda: without_groups(lambda: mass_ext.routed_linear(
+                    x, W, b, U, S, V, indices=indices, weights=distinct)),
                 "floor": lambda: F.linear(x, W, b),
             }
             with torch.inference_mode():
-                for name, weights in (("grouped", ones), ("per_row", distinct)):
+                for name, weights in (("grouped", ones), ("per_row", distinct),
+                                      ("low_rank", distinct)):
                     torch.testing.assert_close(
                         providers[name](), mass_ext.reference.routed_linear(
                             x, W, b, U, S, V, indices=indices, weights=weights),
@@ -69,7 +89,9 @@ def run(rounds: int, min_run_time: float, shapes=SHAPES, multiples=MULTIPLES) ->
                    "ratios": {"grouped/per_row": common.ratio_stats(times["grouped"],
                                                                     times["per_row"]),
                               "grouped/floor": common.ratio_stats(times["grouped"], times["floor"]),
-                              "per_row/floor": common.ratio_stats(times["per_row"], times["floor"])}}
+                              "per_row/floor": common.ratio_stats(times["per_row"], times["floor"]),
+                              "per_row/low_rank": common.ratio_stats(times["per_row"],
+                                                                     times["low_rank"])}}
             rows.append(row)
             print(f"{d_in}x{d_out} T={T} r={r} rows/task {per_task} ({multiple}x): "
                   + "  ".join(f"{k} {v['median']:.2f}" for k, v in row["ratios"].items()),
@@ -85,8 +107,8 @@ def markdown(result: dict) -> str:
         "time ratios (range in brackets).",
         "",
         "| d_in x d_out | T | r | rows / task (x break-even) | grouped / per-row weights "
-        "| grouped / F.linear | per-row / F.linear |",
-        "|---|---|---|---|---|---|---|",
+        "| grouped / F.linear | per-row / F.linear | per-row: task-set / low-rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         cells = [common.ratio_cell(s) for s in row["ratios"].values()]
