@@ -463,7 +463,10 @@ at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at:
 // its one dense GEMM plus update_large_tasks, and 0.97x at ~800; 2026-12-01.) In pass 2 of bench_model.py's
 // batch: 0.89-0.93x the time of update_large_tasks' GEMMs and index_add at top-2, even at
 // top-1 (2026-12-01, interleaved A/B).
-constexpr int64_t kTaskSetMinRows = 32;
+// Smaller groups lose: two oneDNN calls per tile on few rows cost more than the micro-
+// kernels and large tasks' GEMMs save (1.1-1.4x at 64 rows per set, mixed at 128, 0.87-
+// 0.98x mostly from 256 on 384 x 384, 384 x 1536 and 768 x 768 layers; 2026-12-01).
+constexpr int64_t kTaskSetMinRows = 256;
 
 struct TaskSetGroup {
   std::vector<int64_t> tasks;  // the kept slots' tasks, sorted (a task may repeat)

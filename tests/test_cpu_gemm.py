@@ -65,7 +65,8 @@ def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
     out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
     assert_output_matches(out, x, layer, indices, weights)
     # Task sets with weights of their own: [x | w h] against [W | U], two GEMMs per tile.
-    indices, weights = _task_set_routing(500, T, generator(49))
+    x = strided_like(make_x((1300, d_in), seed=44), layout)
+    indices, weights = _task_set_routing(1300, T, generator(49))
     out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
     assert_output_matches(out, x, layer, indices, weights)
 
@@ -76,10 +77,10 @@ def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
     1, 2 or 3 threads, for merged groups and for task-set groups."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     layer = make_layer(5, 32, 70, 1030, seed=46)
-    x = make_x((500, 70), seed=47)
+    x = make_x((1300, 70), seed=47)
     threads = torch.get_num_threads()
-    for indices, weights in (_grouped_routing(500, 5, generator(48)),
-                             _task_set_routing(500, 5, generator(48))):
+    for indices, weights in (_grouped_routing(1300, 5, generator(48)),
+                             _task_set_routing(1300, 5, generator(48))):
         try:
             outputs = []
             for count in (1, 2, 3):

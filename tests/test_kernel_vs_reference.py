@@ -185,11 +185,11 @@ def test_prerouted_large_groups_match_reference(dtype, layout):
 
 
 def _task_set_routing(n_rows, T, g):
-    """(indices, weights) (n_rows, 2): rows sharing a task set with weights of their own
-    (as softmax gives), so never merged: a set in both slot orders, a task twice, one task
-    with the other slot dropped, a set one row short of the kernel's 32, single rows,
-    rows with nothing selected; shuffled."""
-    sets = [((0, 1), 60), ((1, 0), 40), ((2, 2), 45), ((T - 1, -1), 50), ((1, 2), 31)]
+    """(indices, weights) (n_rows >= 1300, 2): rows sharing a task set with weights of their
+    own (as softmax gives), so never merged: a set in both slot orders (together above the
+    kernel's 256 rows, neither alone), a task twice, one task with the other slot dropped,
+    a set one row short of 256, single rows, rows with nothing selected; shuffled."""
+    sets = [((0, 1), 150), ((1, 0), 140), ((2, 2), 280), ((T - 1, -1), 260), ((1, 2), 255)]
     indices = []
     for tasks, count in sets:
         indices += [tasks] * count
@@ -204,13 +204,13 @@ def _task_set_routing(n_rows, T, g):
 @pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
 def test_prerouted_task_set_groups_match_reference(dtype, layout):
     """Rows whose slots name the same tasks, each with weights of its own: the kernel runs
-    a group of 32 or more as one GEMM of [x | w h] against [W | U] (the slots sorted by
+    a group of 256 or more as x W^T + b plus [w h] [U]^T per tile (the slots sorted by
     task, so (0, 1) and (1, 0) share one), the rest through the low-rank path; every row
     as the reference computes it, and as the low-rank path alone does."""
     T, d_in, d_out = 4, 40, 56
     layer = make_layer(T, 12, d_in, d_out, dtype=dtype, seed=50)
-    x = strided_like(make_x((300, d_in), dtype, seed=51), layout)
-    indices, weights = _task_set_routing(300, T, generator(52))
+    x = strided_like(make_x((1300, d_in), dtype, seed=51), layout)
+    indices, weights = _task_set_routing(1300, T, generator(52))
     for params in (layer.params, _strided_params(layer)):
         out = mass_ext.routed_linear(x, *params, indices=indices, weights=weights)
         assert_output_matches(out, x, layer, indices, weights)
