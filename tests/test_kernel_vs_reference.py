@@ -151,6 +151,25 @@ def _grouped_routing(n_rows, T, g):
     return torch.tensor(indices)[order], torch.tensor(weights)[order]
 
 
+def _check_against_low_rank_path(out, x, layer, indices, weights, dtype):
+    """The same rows with MASS_EXT_CPU_MERGE=0 (no groups: the low-rank path alone): the
+    reference's values, to rounding, by another path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MASS_EXT_CPU_MERGE", "0")
+        low_rank = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(low_rank, x, layer, indices, weights)
+    if dtype in (torch.float32, torch.float64):   # half precision may round both alike
+        assert not torch.equal(low_rank, out)       # the other path did run
+
+
+def _check_nan_rows_stay_apart(x, layer, indices, weights):
+    """NaN in x or weights (set by the caller) spoils only its own row's output."""
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    bad = x.isnan().any(-1) | weights.isnan().any(-1)
+    assert bool(out[bad].isnan().any(-1).all()) and bool(out[~bad].isfinite().all())
+    assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "column_slice"])
 @pytest.mark.parametrize("dtype", MAIN_DTYPES + EXTRA_DTYPES, ids=str)
 def test_prerouted_large_groups_match_reference(dtype, layout):
@@ -167,21 +186,12 @@ def test_prerouted_large_groups_match_reference(dtype, layout):
         torch.testing.assert_close(                # each row as computed alone, unmerged
             out[:3], mass_ext.routed_linear(x[:3], *params, indices=indices[:3],
                                             weights=weights[:3]))
-    # The same rows, all through the low-rank path: the same values (to rounding).
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MASS_EXT_CPU_MERGE", "0")
-        unmerged = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
-    assert_output_matches(unmerged, x, layer, indices, weights)
-    if dtype in (torch.float32, torch.float64):   # half precision may round both alike
-        assert not torch.equal(unmerged, out)       # the other path did run
+    _check_against_low_rank_path(out, x, layer, indices, weights, dtype)
     # A NaN row in a merged group spoils only its own output; a NaN weight is not merged.
     x = x.clone()
     x[int((indices[:, 0] == 0).nonzero()[0])] = float("nan")
     weights[int((indices[:, 0] == 2).nonzero()[0]), 0] = float("nan")
-    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
-    bad = x.isnan().any(-1) | weights.isnan().any(-1)
-    assert bool(out[bad].isnan().any(-1).all()) and bool(out[~bad].isfinite().all())
-    assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
+    _check_nan_rows_stay_apart(x, layer, indices, weights)
 
 
 def _task_set_routing(n_rows, T, g):
@@ -214,20 +224,11 @@ def test_prerouted_task_set_groups_match_reference(dtype, layout):
     for params in (layer.params, _strided_params(layer)):
         out = mass_ext.routed_linear(x, *params, indices=indices, weights=weights)
         assert_output_matches(out, x, layer, indices, weights)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MASS_EXT_CPU_MERGE", "0")
-        low_rank = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
-    assert_output_matches(low_rank, x, layer, indices, weights)
-    if dtype in (torch.float32, torch.float64):
-        assert not torch.equal(low_rank, out)       # the other path did run
-    # A NaN weight or input row spoils only its own output.
+    _check_against_low_rank_path(out, x, layer, indices, weights, dtype)
     x, weights = x.clone(), weights.clone()
     x[int(((indices == torch.tensor([0, 1])).all(-1)).nonzero()[0])] = float("nan")
     weights[int(((indices == torch.tensor([2, 2])).all(-1)).nonzero()[0]), 1] = float("nan")
-    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
-    bad = x.isnan().any(-1) | weights.isnan().any(-1)
-    assert bool(out[bad].isnan().any(-1).all()) and bool(out[~bad].isfinite().all())
-    assert_output_matches(out[~bad], x[~bad], layer, indices[~bad], weights[~bad])
+    _check_nan_rows_stay_apart(x, layer, indices, weights)
 
 
 @pytest.mark.parametrize("weights_dtype", [torch.float64, torch.bfloat16, torch.float16])
