@@ -433,23 +433,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
           indices.view(leading_shape_with(x, top_k)), weights.view(leading_shape_with(x, top_k))};
 }
 
-// W + sum_j w_j U_tj diag(S_tj) V_tj in W_acc's dtype: the slots' scaled U side by side
-// (d_out, k r) times their V stacked (k r, d_in), one GEMM through linear_rows (oneDNN:
-// ATen's addmm per slot ran MKL, 2x slower here and 11% of two-pass MASS's second pass).
-at::Tensor merged_weight(const at::Tensor& W_acc, const at::Tensor& U, const at::Tensor& S,
-                         const at::Tensor& V,
-                         const std::vector<std::pair<int64_t, double>>& slots) {
+// Every merged group's W + sum_j w_j U_tj diag(S_tj) V_tj in W_acc's dtype, (G, d_out,
+// d_in), in one grouped GEMM: the groups' slots' scaled U side by side, stacked over the
+// groups ((G d_out, k r)), against each group's V stacked, transposed ((d_in, k r)), W
+// added as each tile is written. (ATen's addmm per slot ran MKL, 2x slower here and 11%
+// of two-pass MASS's second pass. With one oneDNN call and an add per group, the layer of
+// bench_model.py's top-1 batch, 384 x 384, took 1.53-1.54x one oneDNN call over the
+// batch; 1.44-1.47x this way, 2026-12-01.)
+at::Tensor merged_weights(const at::Tensor& W_acc, const at::Tensor& U, const at::Tensor& S,
+                          const at::Tensor& V, const std::vector<MergedGroup>& merged) {
   const at::ScalarType acc_type = W_acc.scalar_type();
-  std::vector<at::Tensor> scaled_U, V_T;
-  for (const auto& slot : slots) {
-    scaled_U.push_back(U.select(0, slot.first).to(acc_type) *
-                       (S.select(0, slot.first).to(acc_type) * slot.second));
-    V_T.push_back(V.select(0, slot.first).to(acc_type).t());
+  const int64_t G = static_cast<int64_t>(merged.size()), d_out = W_acc.size(0);
+  int64_t width = 0;  // the widest group's k r; narrower groups' columns are zero
+  for (const MergedGroup& group : merged)
+    width = std::max<int64_t>(width, static_cast<int64_t>(group.slots.size()) * V.size(1));
+  at::Tensor lhs = at::zeros({G * d_out, width}, W_acc.options());
+  std::vector<at::Tensor> rhs;
+  rhs.reserve(G);
+  std::vector<std::vector<int64_t>> rows(G);
+  std::vector<RowGroup> gemms;
+  for (int64_t g = 0; g < G; ++g) {
+    at::Tensor rhs_g = at::zeros({W_acc.size(1), width}, W_acc.options());
+    int64_t column = 0;
+    for (const auto& slot : merged[g].slots) {
+      const int64_t r = V.size(1);
+      lhs.slice(0, g * d_out, (g + 1) * d_out).slice(1, column, column + r).copy_(
+          U.select(0, slot.first).to(acc_type) *
+          (S.select(0, slot.first).to(acc_type) * slot.second));
+      rhs_g.slice(1, column, column + r).copy_(V.select(0, slot.first).t());
+      column += r;
+    }
+    rhs.push_back(rhs_g);
+    rows[g].resize(d_out);
+    for (int64_t o = 0; o < d_out; ++o) rows[g][o] = g * d_out + o;
+    RowGroup gemm{&rhs.back(), rows[g].data(), d_out};
+    gemm.addend = &W_acc;
+    gemms.push_back(gemm);
   }
-  // One slot (top-1): no concatenation (at::cat of transposed blocks is a slow strided copy).
-  const at::Tensor lhs = scaled_U.size() == 1 ? scaled_U.front() : at::cat(scaled_U, 1);
-  const at::Tensor rhs = V_T.size() == 1 ? V_T.front().contiguous() : at::cat(V_T, 1).contiguous();
-  return linear_rows(lhs, rhs, c10::nullopt).add_(W_acc);
+  at::Tensor out = at::empty({G * d_out, W_acc.size(1)}, W_acc.options());
+  grouped_linear_rows_into(lhs, gemms, c10::nullopt, out);
+  return out.view({G, d_out, W_acc.size(1)});
 }
 
 // Rows outside the merged groups whose kept slots name the same tasks (their weights may
@@ -570,10 +593,12 @@ at::Tensor dense_part(
   std::vector<at::Tensor> group_weights;  // reserved: the RowGroups point into it
   group_weights.reserve(merged.size() + task_sets.size());
   std::vector<RowGroup> gemms;
-  for (const MergedGroup& group : merged) {
-    group_weights.push_back(merged_weight(W_acc, U, S, V, group.slots));
-    gemms.push_back({&group_weights.back(), group.rows.data(), static_cast<int64_t>(group.rows.size())});
-    for (const int64_t n : group.rows) is_grouped[n] = 1;
+  const at::Tensor W_merged = merged.empty() ? at::Tensor() : merged_weights(W_acc, U, S, V, merged);
+  for (size_t g = 0; g < merged.size(); ++g) {
+    group_weights.push_back(W_merged.select(0, static_cast<int64_t>(g)));
+    gemms.push_back({&group_weights.back(), merged[g].rows.data(),
+                     static_cast<int64_t>(merged[g].rows.size())});
+    for (const int64_t n : merged[g].rows) is_grouped[n] = 1;
   }
   at::Tensor h = at::empty({N * top_k, r}, rows_acc.options());
   task_set_projections(rows_acc, S, V, task_sets, h);

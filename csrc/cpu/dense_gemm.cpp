@@ -198,24 +198,37 @@ void onednn_tiles(
                     bias_tile, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
               .contiguous();
       const float* y_data = y.const_data_ptr<float>();
-      if (group.extra_weight == nullptr) {
+      const float* addend =
+          group.addend != nullptr ? group.addend->const_data_ptr<float>() + it.n0 : nullptr;
+      if (group.extra_weight == nullptr && addend == nullptr) {
         for (int64_t m = it.m0; m < it.m1; ++m)
           std::memcpy(out_data + output_row(group, m) * N + it.n0, y_data + (m - it.m0) * cols,
                       sizeof(float) * cols);
         continue;
       }
-      const at::Tensor y2 =
-          linear
-              .call(extra_rows(input, group, it.m0, it.m1),
-                    group.extra_weight->slice(0, it.n0, it.n1), c10::nullopt, "none",
-                    c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
-              .contiguous();
-      const float* y2_data = y2.const_data_ptr<float>();
+      at::Tensor y2;
+      if (group.extra_weight != nullptr)
+        y2 = linear
+                 .call(extra_rows(input, group, it.m0, it.m1),
+                       group.extra_weight->slice(0, it.n0, it.n1), c10::nullopt, "none",
+                       c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
+                 .contiguous();
+      const float* y2_data = y2.defined() ? y2.const_data_ptr<float>() : nullptr;
       for (int64_t m = it.m0; m < it.m1; ++m) {
         float* target = out_data + output_row(group, m) * N + it.n0;
         const float* a = y_data + (m - it.m0) * cols;
-        const float* b = y2_data + (m - it.m0) * cols;
-        for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c];
+        if (y2_data != nullptr) {
+          const float* b = y2_data + (m - it.m0) * cols;
+          if (addend != nullptr) {
+            const float* c_row = addend + m * N;
+            for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c] + c_row[c];
+          } else {
+            for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c];
+          }
+        } else {
+          const float* c_row = addend + m * N;
+          for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + c_row[c];
+        }
       }
     }
   });
@@ -267,7 +280,11 @@ void grouped_linear_rows_into(
         (group.extra_weight == nullptr ||
          (group.extra_rows && group.extra_weight->size(0) == out.size(1) &&
           group.extra_weight->is_contiguous() &&
-          group.extra_weight->scalar_type() == rows.scalar_type())));
+          group.extra_weight->scalar_type() == rows.scalar_type())) &&
+        (group.addend == nullptr ||
+         (group.addend->is_contiguous() && group.addend->size(0) == group.count &&
+          group.addend->size(1) == out.size(1) &&
+          group.addend->scalar_type() == rows.scalar_type())));
   // The library is chosen for all groups' rows together, as the tiles are.
   const auto* linear = out.scalar_type() == at::kFloat ? onednn_for(rows, *groups.front().weight)
                                                       : nullptr;
@@ -282,6 +299,7 @@ void grouped_linear_rows_into(
     if (group.extra_weight != nullptr)
       product.add_(linear_rows(extra_rows(input, group, 0, group.count), *group.extra_weight,
                                c10::nullopt));
+    if (group.addend != nullptr) product.add_(*group.addend);
     std::vector<int64_t> targets(group.count);
     for (int64_t m = 0; m < group.count; ++m) targets[m] = output_row(group, m);
     out.index_copy_(0, at::tensor(targets, at::kLong), product);

@@ -24,7 +24,7 @@ at::Tensor linear_rows(
 // One product of a grouped GEMM: `count` rows of the shared input (rows[m], or m when
 // rows is null) times weight^T (contiguous, (N, K), the input's dtype), plus, when
 // extra_weight is given, the rows extra_rows writes times extra_weight^T ((N, K2),
-// contiguous); row m lands in row out_rows[m] of the output (out_rows null: the input
+// contiguous), plus addend's row m when given; row m lands in row out_rows[m] of the output (out_rows null: the input
 // row). Non-owning.
 struct RowGroup {
   const at::Tensor* weight;
@@ -35,6 +35,8 @@ struct RowGroup {
   // extra_rows(m0, m1, dst): the second product's input rows [m0, m1) into dst
   // ((m1 - m0, K2), contiguous, the input's dtype).
   std::function<void(int64_t, int64_t, at::Tensor&)> extra_rows = nullptr;
+  // Added to the result: (count, N), contiguous, row m to the group's row m.
+  const at::Tensor* addend = nullptr;
 };
 
 // For each group, its input rows times its weight^T, + bias, written into its output rows
