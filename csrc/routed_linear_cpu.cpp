@@ -130,7 +130,8 @@ struct MergedGroup {
 };
 
 // MASS_EXT_CPU_MERGE=0 turns merged and task-set groups off: every row takes the low-rank
-// path (the tests of that path at any size, comparisons). Read per call: set it before threads call the op.
+// path (the tests of that path at any size, comparisons). Read per call: set it before
+// threads call the op.
 bool merging_enabled() {
   const char* setting = std::getenv("MASS_EXT_CPU_MERGE");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
@@ -480,15 +481,14 @@ at::Tensor merged_weights(const at::Tensor& W_acc, const at::Tensor& U, const at
 // [w_1 h_1 | ... | w_m h_m] [U_t1 | ... | U_tm]^T (two oneDNN calls, summed as the tile is
 // written), where h_j = S_tj (x V_tj^T) (one grouped GEMM for every such slot first).
 // The same multiply-adds as the base GEMM plus the low-rank update, at the GEMM's speed,
-// with no second pass over the output. (One GEMM against [W | U] would copy W per group:
-// that cost more than it saved. The self-routed op does not use them: per-layer MASS ran
-// 1.08-1.13x slower with them at ~300 rows per task, more and smaller oneDNN calls than
-// its one dense GEMM plus update_large_tasks, and 0.97x at ~800; 2026-12-01.) In pass 2 of bench_model.py's
-// batch: 0.89-0.93x the time of update_large_tasks' GEMMs and index_add at top-2, even at
-// top-1 (2026-12-01, interleaved A/B).
+// with no second pass over the output: pass 2 of bench_model.py's batch at top-2 took
+// 0.89-0.93x the time of update_large_tasks' GEMMs and index_add (interleaved A/B).
 // Smaller groups lose: two oneDNN calls per tile on few rows cost more than the micro-
 // kernels and large tasks' GEMMs save (1.1-1.4x at 64 rows per set, mixed at 128, 0.87-
-// 0.98x mostly from 256 on 384 x 384, 384 x 1536 and 768 x 768 layers; 2026-12-01).
+// 0.98x mostly from 256 on 384 x 384, 384 x 1536 and 768 x 768 layers). Not used:
+// one GEMM against [W | U] (copying W per group cost more than it saved), and task-set
+// groups in the self-routed op (per-layer MASS 1.08-1.13x slower at ~300 rows per task,
+// 0.97x at ~800). All measured 2026-12-01.
 constexpr int64_t kTaskSetMinRows = 256;
 
 struct TaskSetGroup {
@@ -527,7 +527,7 @@ std::vector<TaskSetGroup> task_set_groups(const int64_t* open_idx, int64_t N, in
 // h[slot] = S_t (x_row V_t^T) for every slot of the task-set groups (h: (N k, r)),
 // one grouped GEMM over the tasks.
 void task_set_projections(const at::Tensor& rows_acc, const at::Tensor& S, const at::Tensor& V,
-                        const std::vector<TaskSetGroup>& task_sets, at::Tensor& h) {
+                          const std::vector<TaskSetGroup>& task_sets, at::Tensor& h) {
   const int64_t T = V.size(0);
   std::vector<std::vector<int64_t>> rows_of(T), slots_of(T);
   for (const TaskSetGroup& group : task_sets) {
@@ -549,7 +549,7 @@ void task_set_projections(const at::Tensor& rows_acc, const at::Tensor& S, const
     gemm.out_rows = slots_of[t].data();
     gemms.push_back(gemm);
   }
-  if (!gemms.empty()) grouped_linear_rows_into(rows_acc, gemms, c10::nullopt, h);
+  grouped_linear_rows_into(rows_acc, gemms, c10::nullopt, h);
 }
 
 // The task-set group's update rows [m0, m1): [w_1 h_1 | ... | w_m h_m].
@@ -600,8 +600,11 @@ at::Tensor dense_part(
                      static_cast<int64_t>(merged[g].rows.size())});
     for (const int64_t n : merged[g].rows) is_grouped[n] = 1;
   }
-  at::Tensor h = at::empty({N * top_k, r}, rows_acc.options());
-  task_set_projections(rows_acc, S, V, task_sets, h);
+  at::Tensor h;  // the task-set groups' slots' S_t z_t
+  if (!task_sets.empty()) {
+    h = at::empty({N * top_k, r}, rows_acc.options());
+    task_set_projections(rows_acc, S, V, task_sets, h);
+  }
   for (const TaskSetGroup& group : task_sets) {
     std::vector<at::Tensor> blocks;
     for (const int64_t t : group.tasks) blocks.push_back(U.select(0, t).to(acc_type));

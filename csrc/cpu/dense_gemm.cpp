@@ -198,14 +198,6 @@ void onednn_tiles(
                     bias_tile, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
               .contiguous();
       const float* y_data = y.const_data_ptr<float>();
-      const float* addend =
-          group.addend != nullptr ? group.addend->const_data_ptr<float>() + it.n0 : nullptr;
-      if (group.extra_weight == nullptr && addend == nullptr) {
-        for (int64_t m = it.m0; m < it.m1; ++m)
-          std::memcpy(out_data + output_row(group, m) * N + it.n0, y_data + (m - it.m0) * cols,
-                      sizeof(float) * cols);
-        continue;
-      }
       at::Tensor y2;
       if (group.extra_weight != nullptr)
         y2 = linear
@@ -214,20 +206,19 @@ void onednn_tiles(
                        c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
                  .contiguous();
       const float* y2_data = y2.defined() ? y2.const_data_ptr<float>() : nullptr;
+      const float* addend =
+          group.addend != nullptr ? group.addend->const_data_ptr<float>() + it.n0 : nullptr;
+      // Row by row: the product, then (in this order) the second product and the addend.
       for (int64_t m = it.m0; m < it.m1; ++m) {
         float* target = out_data + output_row(group, m) * N + it.n0;
-        const float* a = y_data + (m - it.m0) * cols;
+        std::memcpy(target, y_data + (m - it.m0) * cols, sizeof(float) * cols);
         if (y2_data != nullptr) {
           const float* b = y2_data + (m - it.m0) * cols;
-          if (addend != nullptr) {
-            const float* c_row = addend + m * N;
-            for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c] + c_row[c];
-          } else {
-            for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + b[c];
-          }
-        } else {
+          for (int64_t c = 0; c < cols; ++c) target[c] += b[c];
+        }
+        if (addend != nullptr) {
           const float* c_row = addend + m * N;
-          for (int64_t c = 0; c < cols; ++c) target[c] = a[c] + c_row[c];
+          for (int64_t c = 0; c < cols; ++c) target[c] += c_row[c];
         }
       }
     }
