@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results"))
     args = parser.parse_args()
+    common.retain_freed_memory()
     rounds, min_run_time = (3, 0.02) if args.quick else (7, 0.1)
     result = run(rounds, min_run_time, getattr(torch, args.dtype))
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: inputs, interleaved timing, result rows, tables."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -30,7 +31,37 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "commit": git_commit(),
+        "malloc": _MALLOC_SETTING,
     }
+
+
+# glibc's default: blocks above an adaptive threshold (128 KiB at start) are mmapped, and a
+# free heap top above twice it is given back to the system. A forward pass's activations
+# (25 MB for MiniLM's batch of 64 x 64 tokens) then often come back from the system as
+# fresh pages and fault in again on every call: 2-3 million page faults in 15 forwards and
+# 15-25% of a forward's time on this machine (2026-12-01, base and MASS alike), and the
+# cost depends on what the process allocated earlier. Keeping blocks up to 32 MiB (glibc's
+# largest threshold) in the heap is what a serving process would set; the benchmarks and
+# the main job set it for every method alike.
+_MALLOC_SETTING = "glibc default"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def retain_freed_memory() -> str:
+    """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this
+    process (as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.
+    trim_threshold=1073741824 would at start-up). Returns the setting, which
+    machine_info reports; "not glibc" where there is no mallopt."""
+    global _MALLOC_SETTING
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        _MALLOC_SETTING = "not glibc"
+        return _MALLOC_SETTING
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+        _MALLOC_SETTING = f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    return _MALLOC_SETTING
 
 
 def git_commit() -> str:
@@ -106,7 +137,8 @@ def ratio_stats(num: list, den: list) -> dict:
 def provenance(result: dict, script: str) -> str:
     """Where and when a result was measured: machine, torch, commit, date, command."""
     m = result["machine"]
-    return (f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, "
+    return (f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+            f"malloc: {m.get('malloc', 'glibc default')}, commit {m['commit']}, "
             f"{result['date']} (`python benchmarks/{script}`)")
 
 
@@ -175,6 +207,7 @@ def bench_main(doc: str, name: str, readme_marker: str, run, markdown,
                         help=f"{quick[0]} rounds of {quick[1] * 1e3:.0f} ms per provider")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
+    retain_freed_memory()
     result = run(*(quick if args.quick else full))
     table = markdown(result)
     write_json(os.path.join(args.out, f"{name}.json"), result)

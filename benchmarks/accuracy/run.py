@@ -317,7 +317,8 @@ def table(result: dict) -> str:
     c, m = result["choices"], result["machine"]
     lines += [
         "",
-        f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+        f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']} "
+        f"(malloc: {m.get('malloc', 'glibc default')}), "
         f"commit {m['commit']}; {result['seconds'] / 60:.1f} min in all. Accuracy (normalized "
         "to the experts'); task identity unknown except where the head column says oracle. "
         f"Chosen on validation: first pass {c['first_pass']} (validation task ID by first "
@@ -385,4 +386,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    common.retain_freed_memory()
     main(sys.argv[1:])
