@@ -183,3 +183,46 @@ def test_routed_linear_base_mode_runs_the_op_gemm(monkeypatch):
     layer = layer.double()                                   # other dtypes: F.linear
     torch.testing.assert_close(layer._base(x.double()), torch.nn.functional.linear(
         x.double(), linear.weight.double(), linear.bias.double()))
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_onednn_calls_take_few_row_counts(monkeypatch):
+    """oneDNN compiles a kernel per new GEMM shape (0.4-0.8 ms, more than a tile's GEMM),
+    and routed batches bring new group sizes every call: every oneDNN call of the op has
+    a row count of at most 4 significant bits (up to 16, or a multiple of 2^(floor(log2
+    count) - 3)), whatever the groups' sizes, so a few kernels serve every batch; rows
+    computed past a group's last are dropped. Three routings of shuffled groups (merged,
+    task sets, the large tasks' updates, the rest), each checked against the reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
+    layer = make_layer(5, 32, 70, 1030, seed=50)
+    row_counts = set()
+    for seed, rows in ((51, 500), (52, 517), (53, 1300)):
+        x = make_x((rows, 70), seed=seed)
+        route = _task_set_routing if rows > 1000 else _grouped_routing
+        indices, weights = route(rows, 5, generator(seed))
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+        assert_output_matches(out, x, layer, indices, weights)
+        row_counts |= {event.input_shapes[0][0] for event in prof.events()
+                       if event.name == "mkldnn::_linear_pointwise"}
+    assert len(row_counts) > 5
+    assert all(n <= 16 or n % (1 << (n.bit_length() - 4)) == 0 for n in row_counts), \
+        sorted(row_counts)
+
+
+@pytest.mark.parametrize("first", [1, 9, 40])
+def test_padded_tiles_at_the_end_of_the_input(first, gemm):
+    """A merged group of consecutive rows that ends the input: its oneDNN call gets more
+    rows than the input holds past the group's start (so the call's rows are copied, or
+    the slice is shifted back over rows of other groups), and the rows before it take
+    other tasks. Every row as the reference computes it."""
+    T, rows = 3, 140
+    layer = make_layer(T, 32, 70, 1030, seed=54)
+    x = make_x((rows, 70), seed=55)
+    indices = torch.zeros(rows, 1, dtype=torch.long)
+    indices[:first, 0] = torch.arange(first) % 2 + 1
+    weights = torch.ones(rows, 1)
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    assert_output_matches(out, x, layer, indices, weights)

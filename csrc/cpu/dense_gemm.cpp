@@ -120,9 +120,28 @@ struct TileItem {
   int64_t group, m0, m1, n0, n1;
 };
 
+// oneDNN builds (JIT-compiles) a kernel for every new GEMM shape and caches it: a row
+// count it has not seen costs 0.4-0.8 ms on this machine, 2-3x the GEMM of a 200-row
+// tile (2026-12-01). A routed batch's groups have new row counts nearly every call (the
+// task mix and the lengths change), so each oneDNN call's row count is rounded up to 4
+// significant bits (padded_rows: 8 counts per power of two, at most 1/8 more rows) and
+// tiles are whole multiples of kRowQuantum but a group's last. Padding rows are computed
+// and dropped.
+constexpr int64_t kRowQuantum = 16;
+
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// count rounded up to a multiple of 2^(floor(log2 count) - 3): 16 -> 16, 17 -> 18,
+// 90 -> 96, 230 -> 240; counts up to 16 unchanged.
+int64_t padded_rows(int64_t count) {
+  int64_t step = 1;
+  while (step * 16 <= count) step *= 2;
+  return round_up(count, step);
+}
+
 // Tiles of every group, sized from all groups' rows together (so T groups of a batch
 // get the large tiles the whole batch would, not T times the tiles of a small GEMM),
-// each group cut into equal row tiles, none crossing groups.
+// each group cut into equal row tiles (in multiples of kRowQuantum), none crossing groups.
 std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K, int64_t N) {
   int64_t total = 0;
   for (const RowGroup& group : groups) total += group.count;
@@ -131,7 +150,7 @@ std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K,
   for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
     const int64_t count = groups[g].count;
     if (count == 0) continue;
-    const int64_t rows = ceil_div(count, ceil_div(count, tile.rows));
+    const int64_t rows = round_up(ceil_div(count, ceil_div(count, tile.rows)), kRowQuantum);
     for (int64_t m0 = 0; m0 < count; m0 += rows)
       for (int64_t n0 = 0; n0 < N; n0 += tile.cols)
         items.push_back({g, m0, std::min(count, m0 + rows), n0, std::min(N, n0 + tile.cols)});
@@ -139,21 +158,57 @@ std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K,
   return items;
 }
 
-// Rows [m0, m1) of a group as a matrix: a slice of `input` (contiguous) when they are
-// consecutive rows of it, else a copy.
-at::Tensor group_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
-  if (group.rows == nullptr) return input.slice(0, m0, m1);
-  const int64_t* ids = group.rows + m0;
+// A tile's input for a oneDNN call of `padded` (>= m1 - m0) rows: the group's rows
+// [m0, m1) are rows [offset, offset + m1 - m0) of `rows`, the others are computed and
+// dropped. Consecutive rows are a slice of `input`, widened over neighbouring rows (which
+// exist, whatever they hold) and shifted back at its end; other rows, or an input with
+// fewer than `padded` rows, are copied, with zero padding rows.
+struct PaddedRows {
+  at::Tensor rows;
+  int64_t offset;
+};
+
+PaddedRows group_rows_padded(const at::Tensor& input, const RowGroup& group, int64_t m0,
+                             int64_t m1, int64_t padded) {
+  const int64_t count = m1 - m0, total = input.size(0);
+  const int64_t* ids = group.rows != nullptr ? group.rows + m0 : nullptr;
   bool consecutive = true;
-  for (int64_t m = 1; m < m1 - m0 && consecutive; ++m) consecutive = ids[m] == ids[0] + m;
-  if (consecutive) return input.slice(0, ids[0], ids[0] + (m1 - m0));
-  at::Tensor gathered = at::empty({m1 - m0, input.size(1)}, input.options());
+  for (int64_t m = 1; ids != nullptr && m < count && consecutive; ++m)
+    consecutive = ids[m] == ids[0] + m;
+  const int64_t first = ids != nullptr ? ids[0] : m0;
+  if (consecutive && padded <= total) {
+    const int64_t start = std::min(first, total - padded);
+    return {input.slice(0, start, start + padded), first - start};
+  }
+  at::Tensor gathered = at::empty({padded, input.size(1)}, input.options());
   const int64_t row_bytes = input.size(1) * input.element_size();
   const char* from = static_cast<const char*>(input.const_data_ptr());
   char* to = static_cast<char*>(gathered.mutable_data_ptr());
-  for (int64_t m = 0; m < m1 - m0; ++m)
-    std::memcpy(to + m * row_bytes, from + ids[m] * row_bytes, row_bytes);
-  return gathered;
+  if (consecutive) {
+    std::memcpy(to, from + first * row_bytes, count * row_bytes);
+  } else {
+    for (int64_t m = 0; m < count; ++m)
+      std::memcpy(to + m * row_bytes, from + ids[m] * row_bytes, row_bytes);
+  }
+  std::memset(to + count * row_bytes, 0, (padded - count) * row_bytes);
+  return {gathered, 0};
+}
+
+// The second product's input rows [m0, m1) of a group, then padding rows of zeros up to
+// `padded` rows.
+at::Tensor extra_rows_padded(const at::Tensor& input, const RowGroup& group, int64_t m0,
+                             int64_t m1, int64_t padded) {
+  at::Tensor rows = at::empty({padded, group.extra_weight->size(1)}, input.options());
+  at::Tensor head = rows.narrow(0, 0, m1 - m0);
+  group.extra_rows(m0, m1, head);
+  rows.narrow(0, m1 - m0, padded - (m1 - m0)).zero_();
+  return rows;
+}
+
+// Rows [m0, m1) of a group as a matrix: a slice of `input` (contiguous) when they are
+// consecutive rows of it, else a copy.
+at::Tensor group_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
+  return group_rows_padded(input, group, m0, m1, m1 - m0).rows;
 }
 
 // The second product's input rows [m0, m1) of a group.
@@ -191,17 +246,18 @@ void onednn_tiles(
       const RowGroup& group = groups[it.group];
       c10::optional<at::Tensor> bias_tile;
       if (bias.has_value()) bias_tile = bias->slice(0, it.n0, it.n1);
-      const int64_t cols = it.n1 - it.n0;
+      const int64_t cols = it.n1 - it.n0, padded = padded_rows(it.m1 - it.m0);
+      const PaddedRows x = group_rows_padded(input, group, it.m0, it.m1, padded);
       const at::Tensor y =
           linear
-              .call(group_rows(input, group, it.m0, it.m1), group.weight->slice(0, it.n0, it.n1),
-                    bias_tile, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
+              .call(x.rows, group.weight->slice(0, it.n0, it.n1), bias_tile, "none",
+                    c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
               .contiguous();
-      const float* y_data = y.const_data_ptr<float>();
+      const float* y_data = y.const_data_ptr<float>() + x.offset * cols;
       at::Tensor y2;
       if (group.extra_weight != nullptr)
         y2 = linear
-                 .call(extra_rows(input, group, it.m0, it.m1),
+                 .call(extra_rows_padded(input, group, it.m0, it.m1, padded),
                        group.extra_weight->slice(0, it.n0, it.n1), c10::nullopt, "none",
                        c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
                  .contiguous();
