@@ -115,7 +115,8 @@ class Layer:
 
 def time_interleaved(providers: dict, rounds: int, min_run_time: float) -> dict:
     """Median-of-blocks time (seconds) of every provider in every round; the providers
-    take turns within a round (rotating the order), so drift hits them all alike."""
+    take turns within a round (rotating the order), so drift hits them all alike. They
+    run with the process's threads (torch.utils.benchmark.Timer's default is one)."""
     names = list(providers)
     times = {name: [] for name in names}
     for name in names:  # warm up (first-call allocations, thread pool start)
@@ -123,7 +124,8 @@ def time_interleaved(providers: dict, rounds: int, min_run_time: float) -> dict:
     for rnd in range(rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
-            timer = tbench.Timer(stmt="f()", globals={"f": providers[name]})
+            timer = tbench.Timer(stmt="f()", globals={"f": providers[name]},
+                                 num_threads=torch.get_num_threads())
             times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
     return times
 

@@ -4,9 +4,6 @@ splits, expert cache, router/top-k choice on validation, every method, outputs."
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ from benchmarks.accuracy import run as R
 from benchmarks.accuracy import tasks as D
 
 QUICK = E.Recipe(batch_size=8, max_steps=2)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["bbc", "tweets", "fortunes", "nouns", "verbs"])
@@ -156,18 +152,3 @@ def test_merged_groups_benchmark_checks_both_paths_against_the_reference():
     assert [row["rows_per_task"] for row in result["rows"]] == [22, 175]
     assert "| 48 x 40 | 3 | 32 | 175 (8.0x) |" in bench_merged_groups.markdown(result)
 
-
-def test_benchmarks_report_the_allocator_setting_they_run_with():
-    """benchmarks/common.retain_freed_memory (set by every benchmark's and the main job's
-    command line): glibc accepts it, and the results' machine info says which setting
-    the times were measured under. In a child process: it changes the whole process."""
-    script = ("from benchmarks import common\n"
-              "print(common.machine_info()['malloc'])\n"
-              "print(common.retain_freed_memory())\n"
-              "print(common.machine_info()['malloc'])\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert done.returncode == 0, done.stderr
-    before, returned, after = done.stdout.splitlines()
-    assert before == "glibc default"
-    assert returned == after == "glibc, mmap threshold 32 MiB, trim threshold 1024 MiB"
