@@ -441,33 +441,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
 // of two-pass MASS's second pass. With one oneDNN call and an add per group, the layer of
 // bench_model.py's top-1 batch, 384 x 384, took 1.53-1.54x one oneDNN call over the
 // batch; 1.44-1.47x this way, 2026-12-01.)
+// The operands of merged_weights' GEMM: group g's rows of lhs (G * d_out, width) hold
+// [w_1 U_t1 diag(S_t1) | w_2 U_t2 diag(S_t2) | ...] and rhs[g] (d_in, width)
+// [V_t1^T | V_t2^T | ...], both zero past the group's slots. One parallel pass, with no
+// temporaries: building them with ATen ops (zeros, products, transposed copies) took a
+// third of the merge's time (2026-12-01).
+template <typename acc_t, typename scalar_t>
+void fill_merge_operands(const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                         const std::vector<MergedGroup>& merged, at::Tensor& lhs,
+                         at::Tensor& rhs) {
+  const int64_t G = static_cast<int64_t>(merged.size()), width = lhs.size(1);
+  const int64_t d_out = U.size(1), r = U.size(2), d_in = V.size(2);
+  const auto U_a = U.accessor<scalar_t, 3>();
+  const auto S_a = S.accessor<scalar_t, 2>();
+  const auto V_a = V.accessor<scalar_t, 3>();
+  acc_t* lhs_data = lhs.mutable_data_ptr<acc_t>();
+  acc_t* rhs_data = rhs.mutable_data_ptr<acc_t>();
+  const int64_t rows_per_group = d_out + d_in;  // lhs rows, then rhs rows
+  at::parallel_for(0, G * rows_per_group, grain_for(width), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t g = i / rows_per_group, row = i % rows_per_group;
+      const bool is_lhs = row < d_out;
+      acc_t* dst = is_lhs ? lhs_data + (g * d_out + row) * width
+                          : rhs_data + (g * d_in + row - d_out) * width;
+      int64_t column = 0;
+      for (const auto& slot : merged[g].slots) {
+        const int64_t t = slot.first;
+        if (is_lhs) {
+          const acc_t weight = static_cast<acc_t>(slot.second);
+          for (int64_t q = 0; q < r; ++q)
+            dst[column + q] = static_cast<acc_t>(U_a[t][row][q]) *
+                              (static_cast<acc_t>(S_a[t][q]) * weight);
+        } else {
+          for (int64_t q = 0; q < r; ++q) dst[column + q] = static_cast<acc_t>(V_a[t][q][row - d_out]);
+        }
+        column += r;
+      }
+      std::fill(dst + column, dst + width, acc_t(0));
+    }
+  });
+}
+
 at::Tensor merged_weights(const at::Tensor& W_acc, const at::Tensor& U, const at::Tensor& S,
                           const at::Tensor& V, const std::vector<MergedGroup>& merged) {
-  const at::ScalarType acc_type = W_acc.scalar_type();
   const int64_t G = static_cast<int64_t>(merged.size()), d_out = W_acc.size(0);
   int64_t width = 0;  // the widest group's k r; narrower groups' columns are zero
   for (const MergedGroup& group : merged)
     width = std::max<int64_t>(width, static_cast<int64_t>(group.slots.size()) * V.size(1));
-  at::Tensor lhs = at::zeros({G * d_out, width}, W_acc.options());
-  std::vector<at::Tensor> rhs;
-  rhs.reserve(G);
+  at::Tensor lhs = at::empty({G * d_out, width}, W_acc.options());
+  at::Tensor rhs = at::empty({G, W_acc.size(1), width}, W_acc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "merged_weights", [&] {
+    if (W_acc.scalar_type() == at::kDouble)
+      fill_merge_operands<double, scalar_t>(U, S, V, merged, lhs, rhs);
+    else
+      fill_merge_operands<float, scalar_t>(U, S, V, merged, lhs, rhs);
+  });
+  std::vector<at::Tensor> rhs_groups;
+  rhs_groups.reserve(G);
   std::vector<std::vector<int64_t>> rows(G);
   std::vector<RowGroup> gemms;
   for (int64_t g = 0; g < G; ++g) {
-    at::Tensor rhs_g = at::zeros({W_acc.size(1), width}, W_acc.options());
-    int64_t column = 0;
-    for (const auto& slot : merged[g].slots) {
-      const int64_t r = V.size(1);
-      lhs.slice(0, g * d_out, (g + 1) * d_out).slice(1, column, column + r).copy_(
-          U.select(0, slot.first).to(acc_type) *
-          (S.select(0, slot.first).to(acc_type) * slot.second));
-      rhs_g.slice(1, column, column + r).copy_(V.select(0, slot.first).t());
-      column += r;
-    }
-    rhs.push_back(rhs_g);
+    rhs_groups.push_back(rhs.select(0, g));
     rows[g].resize(d_out);
     for (int64_t o = 0; o < d_out; ++o) rows[g][o] = g * d_out + o;
-    RowGroup gemm{&rhs.back(), rows[g].data(), d_out};
+    RowGroup gemm{&rhs_groups.back(), rows[g].data(), d_out};
     gemm.addend = &W_acc;
     gemms.push_back(gemm);
   }
