@@ -97,6 +97,8 @@ def test_quick_run_produces_every_method_and_agrees_with_the_reference(quick, tm
                      "MASS per-layer top-1 (mass_ext)", "reference MASS second pass (top-1)"):
         assert expected in methods
     assert any(m.startswith("task arithmetic") for m in methods)
+    # Top-k is shown whatever validation chose (here and in the full run, top-1).
+    assert any(m.startswith("MASS two-pass top-2, threshold ") for m in methods)
     for row in result["rows"]:
         assert len(row["accuracy"]) == 2
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"])
