@@ -52,7 +52,8 @@ def retain_freed_memory() -> str:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this
     process (as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.
     trim_threshold=1073741824 would at start-up). Returns the setting, which
-    machine_info reports; "not glibc" where there is no mallopt."""
+    machine_info reports; "not glibc" where there is no mallopt, and says so where the
+    allocator in use refuses it (e.g. AddressSanitizer's)."""
     global _MALLOC_SETTING
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -61,6 +62,8 @@ def retain_freed_memory() -> str:
         return _MALLOC_SETTING
     if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
         _MALLOC_SETTING = f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+    else:  # another allocator answers mallopt (AddressSanitizer's does, refusing)
+        _MALLOC_SETTING = "mallopt refused (not glibc's allocator)"
     return _MALLOC_SETTING
 
 
