@@ -213,9 +213,7 @@ at::Tensor group_rows(const at::Tensor& input, const RowGroup& group, int64_t m0
 
 // The second product's input rows [m0, m1) of a group.
 at::Tensor extra_rows(const at::Tensor& input, const RowGroup& group, int64_t m0, int64_t m1) {
-  at::Tensor rows = at::empty({m1 - m0, group.extra_weight->size(1)}, input.options());
-  group.extra_rows(m0, m1, rows);
-  return rows;
+  return extra_rows_padded(input, group, m0, m1, m1 - m0);
 }
 
 // The output row of a group's row m.
