@@ -153,9 +153,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_autograd(
   return op.call(x, V, top_k, temperature, threshold, weighting);
 }
 
+// _grouped_linear serves inference (the merged-weight cache runs only without autograd):
+// it refuses inputs that require grad rather than return an output that drops them.
+at::Tensor grouped_linear_autograd(const at::Tensor& x, at::TensorList weights,
+                                   const c10::optional<at::Tensor>& bias, const at::Tensor& groups) {
+  bool needs_grad = x.requires_grad() || (bias.has_value() && bias->requires_grad());
+  for (const at::Tensor& w : weights) needs_grad = needs_grad || w.requires_grad();
+  TORCH_CHECK_VALUE(
+      !(needs_grad && at::GradMode::is_enabled()),
+      "_grouped_linear has no backward: call it under torch.no_grad() or "
+      "torch.inference_mode(), or with inputs that do not require grad");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mass_ext::_grouped_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList,
+                                         const c10::optional<at::Tensor>&, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, weights, bias, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mass_ext, Autograd, m) {
+  m.impl("_grouped_linear", &grouped_linear_autograd);
   m.impl("routed_linear", &routed_linear_autograd);
   m.impl("routed_linear_prerouted", &routed_linear_prerouted_autograd);
   m.impl("route", &route_autograd);

@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -151,6 +152,45 @@ void check_prerouted_inputs(
   TORCH_CHECK_VALUE(
       weights.sizes() == indices.sizes(), "weights must have the shape of indices ",
       shape_str(indices.sizes()), ", got ", shape_str(weights.sizes()));
+}
+
+int64_t check_grouped_linear_inputs(
+    const at::Tensor& x, at::TensorList weights, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& groups) {
+  check_float_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dimension (..., d_in), got a 0-d tensor");
+  TORCH_CHECK_VALUE(!weights.empty(), "weights must hold at least one (d_out, d_in) weight, got none");
+  const int64_t d_in = x.size(-1), d_out = weights[0].dim() == 2 ? weights[0].size(0) : -1;
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  for (size_t g = 0; g < weights.size(); ++g) {
+    const std::string name = "weights[" + std::to_string(g) + "]";
+    TORCH_CHECK_TYPE(
+        weights[g].scalar_type() == x.scalar_type() || weights[g].scalar_type() == acc,
+        name, " must have the dtype of x (", dtype_str(x.scalar_type()), ") or its "
+        "accumulation dtype (", dtype_str(acc), "), got ", dtype_str(weights[g].scalar_type()));
+    TORCH_CHECK_VALUE(
+        weights[g].device() == x.device(), name, " must be on the device of x (", x.device(),
+        "), got ", weights[g].device());
+    TORCH_CHECK_VALUE(
+        weights[g].dim() == 2 && weights[g].size(0) == d_out && weights[g].size(1) == d_in,
+        name, " must have shape (d_out, d_in) = (", d_out, ", ", d_in, ") (d_out from "
+        "weights[0], d_in from x), got ", shape_str(weights[g].sizes()));
+  }
+  if (bias.has_value()) {
+    check_like_x(*bias, "bias", x);
+    check_shape(*bias, "bias", "(d_out,)", {d_out});
+  }
+  TORCH_CHECK_TYPE(
+      groups.scalar_type() == at::kLong, "groups must be int64, got ",
+      dtype_str(groups.scalar_type()));
+  TORCH_CHECK_VALUE(
+      groups.device() == x.device(), "groups must be on the device of x (", x.device(),
+      "), got ", groups.device());
+  TORCH_CHECK_VALUE(
+      groups.sizes() == x.sizes().slice(0, x.dim() - 1),
+      "groups must have shape x.shape[:-1] = ", shape_str(x.sizes().slice(0, x.dim() - 1)),
+      ", got ", shape_str(groups.sizes()));
+  return d_out;
 }
 
 at::Tensor as_rows(const at::Tensor& x, int64_t N, int64_t d_in) {

@@ -38,6 +38,13 @@ Weighting check_routing_options(
 void check_prerouted_inputs(
     const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights);
 
+// _grouped_linear's inputs: x (..., d_in); weights G >= 1 tensors (d_out, d_in), each
+// of x's dtype or its accumulation dtype; bias (d_out,) of x's dtype or none; groups
+// int64 of shape x.shape[:-1] (its values are checked by the kernels). Returns d_out.
+int64_t check_grouped_linear_inputs(
+    const at::Tensor& x, at::TensorList weights, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& groups);
+
 // x viewed as (N, d_in) rows with a unit inner stride (copies only if it must).
 at::Tensor as_rows(const at::Tensor& x, int64_t N, int64_t d_in);
 

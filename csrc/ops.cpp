@@ -26,4 +26,8 @@ TORCH_LIBRARY(mass_ext, m) {
   m.def(
       "routed_linear_prerouted(Tensor x, Tensor weight, Tensor? bias, Tensor U, "
       "Tensor S, Tensor V, Tensor indices, Tensor weights) -> Tensor");
+  // y = x weights[g]^T + b for each row, g = groups[row] in [0, G): the dense GEMM of
+  // merged weights built elsewhere (RoutedLinear's merged-weight cache). Inference only.
+  m.def(
+      "_grouped_linear(Tensor x, Tensor[] weights, Tensor? bias, Tensor groups) -> Tensor");
 }

@@ -145,6 +145,52 @@ def check_prerouted_inputs(x, indices, weights) -> None:
     )
 
 
+def check_grouped_linear_inputs(x, weights, bias, groups) -> int:
+    """_grouped_linear's inputs (csrc/checks.cpp). Returns d_out."""
+    _check_float_dtype(x, "x")
+    torch._check_value(
+        x.dim() >= 1, lambda: "x must have at least 1 dimension (..., d_in), got a 0-d tensor")
+    torch._check_value(
+        len(weights) >= 1, lambda: "weights must hold at least one (d_out, d_in) weight, got none")
+    d_in, d_out = x.shape[-1], weights[0].shape[0] if weights[0].dim() == 2 else -1
+    acc = acc_dtype(x.dtype)
+    for g, w in enumerate(weights):
+        torch._check_type(
+            w.dtype in (x.dtype, acc),
+            lambda: f"weights[{g}] must have the dtype of x ({_dtype_name(x.dtype)}) or its "
+                    f"accumulation dtype ({_dtype_name(acc)}), got {_dtype_name(w.dtype)}")
+        torch._check_value(
+            w.device == x.device,
+            lambda: f"weights[{g}] must be on the device of x ({x.device}), got {w.device}")
+        torch._check_value(
+            w.dim() == 2 and w.shape[0] == d_out and w.shape[1] == d_in,
+            lambda: f"weights[{g}] must have shape (d_out, d_in) = ({d_out}, {d_in}) (d_out "
+                    f"from weights[0], d_in from x), got {_shape(w.shape)}")
+    if bias is not None:
+        _check_like_x(bias, "bias", x)
+        _check_shape(bias, "bias", "(d_out,)", (d_out,))
+    torch._check_type(
+        groups.dtype == torch.int64,
+        lambda: f"groups must be int64, got {_dtype_name(groups.dtype)}")
+    torch._check_value(
+        groups.device == x.device,
+        lambda: f"groups must be on the device of x ({x.device}), got {groups.device}")
+    lead = tuple(x.shape[:-1])
+    torch._check_value(
+        groups.dim() == len(lead) and all(a == b for a, b in zip(groups.shape, lead)),
+        lambda: f"groups must have shape x.shape[:-1] = {_shape(lead)}, got {_shape(groups.shape)}")
+    return d_out
+
+
+def check_group_values(groups: torch.Tensor, G: int) -> None:
+    """Eager-only (reads the data): every group id in [0, G)."""
+    bad = (groups < 0) | (groups >= G)
+    if bool(bad.any()):
+        row = int(bad.reshape(-1).nonzero()[0])
+        raise IndexError(f"groups must hold indices into weights in [0, G) = [0, {G}), got "
+                         f"{int(groups.reshape(-1)[row])} at row {row}")
+
+
 def check_index_values(indices: torch.Tensor, T: int) -> None:
     """Eager-only (reads the data): every index in [-1, T)."""
     bad = (indices < -1) | (indices >= T)

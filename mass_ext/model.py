@@ -531,6 +531,28 @@ class MASS(nn.Module):
         _check_per_sample_routing(routing)
         return self._pass("prerouted", routing, repeat_samples)
 
+    def cache_merged_weights(self, max_sets: int) -> None:
+        """Keep, in every routed layer, the merged weights W + sum_j w_j U_tj diag(S_tj)
+        V_tj of up to `max_sets` task sets between calls (least recently used dropped), so
+        pass 2 runs one grouped GEMM over them instead of merging again. Speed for memory:
+        each cached set costs one copy of the routed layers' weights (merged_cache_bytes);
+        0 (the default) turns it off. A routing with more distinct task sets (and weights)
+        than max_sets, such as softmax weights that differ per sample, runs the op as
+        without the cache. Applies with the C++ CPU kernel, without autograd (under
+        torch.no_grad() or torch.inference_mode(), or with no tensor requiring grad);
+        the results agree with the op's to float rounding. A layer's tensors changed in
+        place start its cache afresh (after changes through .data, call it again)."""
+        if isinstance(max_sets, bool) or not isinstance(max_sets, int) or max_sets < 0:
+            raise ValueError(f"max_sets must be an int >= 0, got {max_sets!r}")
+        for layer in self.routed.values():
+            layer.merged_cache_size = max_sets
+            layer.clear_merged_cache()
+
+    @property
+    def merged_cache_bytes(self) -> int:
+        """Bytes held by the routed layers' cached merged weights."""
+        return sum(layer.merged_cache_bytes() for layer in self.routed.values())
+
     def _takes_argument(self, name: str) -> bool:
         try:
             return name in inspect.signature(self.model.forward).parameters

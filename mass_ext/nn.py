@@ -3,6 +3,7 @@ every input row to them (mass_ext.routed_linear), and the factorisation that bui
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import check_layer_inputs, check_routing_options
+from ._validation import acc_dtype, check_layer_inputs, check_routing_options
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -92,6 +93,24 @@ def _tasks_with_non_finite(factor: torch.Tensor) -> list:
     return (~torch.isfinite(factor)).flatten(1).any(1).nonzero().flatten().tolist()
 
 
+def task_set_groups(indices: torch.Tensor, weights: torch.Tensor):
+    """The distinct task sets of a routing (rows, k): (keys, ids), keys[g] the g-th set as
+    ((task, weight), ...) by task id, without dropped (-1) or zero-weight slots, ids (rows,)
+    int64 each row's g. None when a weight is not finite."""
+    w = weights.to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        return None
+    dropped = (indices < 0) | (w == 0)
+    tasks, order = torch.where(dropped, -1, indices).sort(dim=-1, stable=True)
+    w = torch.where(dropped, 0.0, w).gather(-1, order)
+    distinct, ids = torch.unique(torch.cat([tasks.to(torch.float64), w], dim=-1), dim=0,
+                                 return_inverse=True)
+    k = indices.shape[-1]
+    keys = [tuple((int(t), c) for t, c in zip(row[:k], row[k:]) if t >= 0)
+            for row in distinct.tolist()]
+    return keys, ids
+
+
 class _RouteState(threading.local):
     """Per-thread routing instruction shared by the RoutedLinear layers of one model, so
     that threads calling the same model at once do not see each other's routing."""
@@ -101,7 +120,8 @@ class _RouteState(threading.local):
         self.indices = None         # (B, k) per sample, for "prerouted"
         self.weights = None
         self.repeat_samples = False  # "prerouted": a batch of m * B rows is each sample m times
-        self.repeated = {}           # rows (or a flattened shape) -> repeated (indices, weights)
+        self.repeated = {}           # rows (or a flattened shape) -> repeated (indices, weights);
+                                     # ("task_sets", id) -> task_set_groups of a routing
         self.tokens = None           # (B, L) of the last (B, L, d) input of a routed layer
 
     def routing_for(self, rows: int):
@@ -133,6 +153,14 @@ class _RouteState(threading.local):
             self.repeated[key] = (indices.repeat_interleave(length, 0),
                                   weights.repeat_interleave(length, 0))
         return self.repeated[key]
+
+    def task_sets(self, indices: torch.Tensor, weights: torch.Tensor):
+        """task_set_groups(indices, weights), computed once per pass for each routing
+        tensor the layers apply (they share routing_for's and flattened_routing's)."""
+        key = ("task_sets", id(indices))
+        if key not in self.repeated:  # holds indices, so its id is not reused in the pass
+            self.repeated[key] = (indices, task_set_groups(indices, weights))
+        return self.repeated[key][1]
 
     def __reduce__(self):
         # Copies and pickles start with no routing instruction (thread-locals do not pickle).
@@ -179,6 +207,12 @@ class RoutedLinear(nn.Module):
         # (raise; set by a two-pass MASS, whose decisions come from its pass 1).
         self.idle_mode = "self"
         self.last_routing = None                  # (indices, weights) of the last self-routed call
+        # Merged-weight cache (MASS.cache_merged_weights): up to merged_cache_size task sets'
+        # W + sum_j w_j U_tj diag(S_tj) V_tj, least recently used first, for the factors
+        # whose identity and version _merged_stamp records.
+        self.merged_cache_size = 0
+        self._merged = OrderedDict()
+        self._merged_stamp = None
 
     @property
     def U(self) -> torch.Tensor:
@@ -239,25 +273,97 @@ class RoutedLinear(nn.Module):
         tokens = self.state.flattened_tokens(x)
         if tokens is not None:  # each row takes its sample's decision
             indices, weights = self.state.flattened_routing(*tokens)
-            return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
-                                     indices=indices, weights=weights)
-        indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
-        B, k = indices.shape
-        if x.dim() < 2 or x.shape[0] != B:
-            raise ValueError(
-                f"a routed layer's input must have the batch first (B, ..., in_features) "
-                f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
-                "applies one decision per sample: a layer that sees the tokens sequence-first, "
-                "a subset of them (a mixture-of-experts expert) or no batch (position "
-                "embeddings) cannot be routed per sample, unlike one that sees the (B, L) "
-                "tokens flattened sample-major; leave it out with target=, or use "
-                "mode='per_layer')")
-        lead = x.shape[:-1]
-        extra = (1,) * (len(lead) - 1)
-        indices = indices.view(B, *extra, k).expand(*lead, k)
-        weights = weights.view(B, *extra, k).expand(*lead, k)
+            expand = lambda t: t  # noqa: E731 (one row of routing per row of x already)
+        else:
+            indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
+            B = indices.shape[0]
+            if x.dim() < 2 or x.shape[0] != B:
+                raise ValueError(
+                    f"a routed layer's input must have the batch first (B, ..., in_features) "
+                    f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
+                    "applies one decision per sample: a layer that sees the tokens "
+                    "sequence-first, a subset of them (a mixture-of-experts expert) or no "
+                    "batch (position embeddings) cannot be routed per sample, unlike one that "
+                    "sees the (B, L) tokens flattened sample-major; leave it out with "
+                    "target=, or use mode='per_layer')")
+            lead = x.shape[:-1]
+            extra = (1,) * (len(lead) - 1)
+
+            def expand(t):  # per sample (B, ...) -> per row (*lead, ...)
+                return t.view(B, *extra, *t.shape[1:]).expand(*lead, *t.shape[1:])
+        cached = self._cached_merged_weights(x, indices, weights)
+        if cached is not None:
+            merged, groups = cached
+            return ops.grouped_linear(x, merged, self.bias, expand(groups))
         return ops.routed_linear(x, self.weight, self.bias, self.U, self.S, self.V,
-                                 indices=indices, weights=weights)
+                                 indices=expand(indices), weights=expand(weights))
+
+    # ------------------------------------------------------------ merged-weight cache
+    def _cached_merged_weights(self, x, indices, weights):
+        """(merged weights, group of each routing row) from the cache, filling it, or None
+        where the cache does not apply: it is off, the device has no C++ kernel, autograd
+        needs the op's backward, a weight is not finite, or the routing holds more task
+        sets than the cache keeps (merging them all anew every call would cost more than
+        the op, which merges only large groups)."""
+        if self.merged_cache_size <= 0 or ops.backend(x.device) != "cpp":
+            return None
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad
+                for t in (x, self.weight, self.bias, self.U_t, self.S, self.V, weights)):
+            return None
+        sets = self.state.task_sets(indices, weights)
+        if sets is None or len(sets[0]) > self.merged_cache_size:
+            return None
+        keys, groups = sets
+        stamp = self._factor_stamp()
+        if stamp != self._merged_stamp:  # the layer's tensors changed: start afresh
+            self._merged, self._merged_stamp = OrderedDict(), stamp
+        entries = self._merged
+        merged = []
+        for key in keys:
+            weight = entries.get(key)
+            if weight is None:
+                weight = entries[key] = self._merge(key)
+            else:
+                entries[key] = entries.pop(key, weight)  # most recently used
+            merged.append(weight)
+        while len(entries) > self.merged_cache_size:
+            entries.popitem(last=False)
+        return merged, groups
+
+    def _factor_stamp(self) -> tuple:
+        """What the merged weights depend on: each tensor's storage, dtype, shape and
+        version (in-place changes bump it; inference tensors have none)."""
+        def identity(t):
+            try:
+                version = t._version
+            except RuntimeError:
+                version = None
+            return t.data_ptr(), t.dtype, t.device, tuple(t.shape), version
+        return tuple(identity(t) for t in (self.weight, self.U_t, self.S, self.V))
+
+    def _merge(self, key: tuple) -> torch.Tensor:
+        """W + sum_j w_j U_tj diag(S_tj) V_tj of one task set, in the accumulation dtype
+        (W itself for the empty set)."""
+        acc = acc_dtype(self.weight.dtype)
+        W = self.weight.detach().to(acc)
+        if not key:
+            return W
+        tasks = [t for t, _ in key]
+        scale = self.S[tasks].to(acc) * torch.tensor([w for _, w in key], dtype=acc,
+                                                     device=W.device)[:, None]
+        lhs = (self.U_t[tasks].to(acc) * scale[:, :, None]).reshape(-1, W.shape[0])
+        return torch.addmm(W, lhs.T, self.V[tasks].to(acc).reshape(-1, W.shape[1]))
+
+    def clear_merged_cache(self) -> None:
+        """Drops the cached merged weights (needed only after changing the layer's tensors
+        in a way their version does not record, e.g. through .data)."""
+        self._merged, self._merged_stamp = OrderedDict(), None
+
+    def merged_cache_bytes(self) -> int:
+        """Bytes the cached merged weights hold (the empty set's entry, W itself, none)."""
+        return sum(t.numel() * t.element_size() for t in self._merged.values()
+                   if t.data_ptr() != self.weight.data_ptr())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, deltas_or_weights: Sequence[torch.Tensor] | torch.Tensor,

@@ -76,6 +76,23 @@ def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform")
     return Routing(*torch.ops.mass_ext.route(x, V, top_k, temperature, threshold, weighting))
 
 
+def grouped_linear(x, weights, bias, groups):
+    """Row n of x times weights[groups[n]]^T, + bias: the dense GEMM of weights merged
+    elsewhere (RoutedLinear's merged-weight cache). Internal; inference only.
+
+    Args:
+        x: (..., d_in) float32 / bfloat16 / float16 / float64.
+        weights: G >= 1 tensors (d_out, d_in), each of x's dtype or its accumulation dtype.
+        bias: (d_out,) of x's dtype, or None.
+        groups: int64 of shape x.shape[:-1], values in [0, G).
+
+    Returns: (..., d_out) in x's dtype, accumulated in float32 (float64 for float64).
+    """
+    if not _LOADED:
+        return reference.grouped_linear(x, list(weights), bias, groups)
+    return torch.ops.mass_ext._grouped_linear(x, list(weights), bias, groups)
+
+
 def backend(device="cpu") -> str:
     """Which implementation runs for tensors on `device`: "cpp" (C++ CPU kernel),
     "cuda" (CUDA kernel) or "reference" (pure PyTorch)."""
@@ -113,6 +130,11 @@ def _fake_prerouted(x, weight, bias, U, S, V, indices, weights):
     return x.new_empty((*x.shape[:-1], d_out))
 
 
+def _fake_grouped_linear(x, weights, bias, groups):
+    d_out = check.check_grouped_linear_inputs(x, weights, bias, groups)
+    return x.new_empty((*x.shape[:-1], d_out))
+
+
 # Reference kernels with the ops' exact signatures, for devices the build has no kernel for.
 def _reference_route(x, V, top_k, temperature, threshold, weighting):
     return tuple(reference.route(x, V, top_k, temperature=temperature, threshold=threshold,
@@ -135,8 +157,10 @@ if _LOADED:
         "mass_ext::route": (_fake_route, _reference_route),
         "mass_ext::routed_linear": (_fake_routed_linear, _reference_routed_linear),
         "mass_ext::routed_linear_prerouted": (_fake_prerouted, _reference_prerouted),
+        "mass_ext::_grouped_linear": (_fake_grouped_linear, reference.grouped_linear),
     }
-    # Autograd is registered in C++ (csrc/autograd.cpp), for every device.
+    # Autograd is registered in C++ (csrc/autograd.cpp), for every device (_grouped_linear:
+    # a clear error when grad is needed).
     for _name, (_fake, _ref) in _OPS.items():
         torch.library.register_fake(_name, _fake)
         if not torch._C._dispatch_has_kernel_for_dispatch_key(_name, "CUDA"):

@@ -126,6 +126,21 @@ def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, thresho
     return apply_experts(x, weight, bias, U, S, V, indices, weights)
 
 
+def grouped_linear(x, weights, bias, groups):
+    """Reference of the `_grouped_linear` op: row n of x times weights[groups[n]]^T, + bias,
+    in the accumulation dtype, returned in x's dtype."""
+    d_out = check.check_grouped_linear_inputs(x, weights, bias, groups)
+    check.check_group_values(groups, len(weights))
+    acc = check.acc_dtype(x.dtype)
+    rows, ids = x.reshape(-1, x.shape[-1]).to(acc), groups.reshape(-1)
+    out = rows.new_empty((rows.shape[0], d_out))
+    for g, weight in enumerate(weights):
+        selected = (ids == g).nonzero().flatten()
+        out[selected] = F.linear(rows[selected], weight.to(acc),
+                                 None if bias is None else bias.to(acc))
+    return out.to(x.dtype).reshape(*x.shape[:-1], d_out)
+
+
 def per_task_loop(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, threshold=0.0,
                   weighting="uniform"):
     """What users write today without mass_ext: route, then one masked pass per task.
