@@ -15,6 +15,11 @@ Providers, taking turns every round:
               on AMD EPYC, benchmarks/bench_cpu_gemm.py)
   mass        MASS: pass 1 up to the router layer + route (mm.route), then pass 2 with the
               mixed routing (mm.run): every routed layer runs the pre-routed op, one batch
+  mass_cached the same MASS with its merged-weight cache on (mm.cache_merged_weights, as
+              many sets as the batch holds with top-k = 1 or 2 uniform; off by default):
+              pass 2 runs the cached W + U S V of each task set, merged in an earlier
+              call, in one grouped GEMM. Per-sample weights (softmax) make more sets than
+              it keeps, and it runs the op as without it.
   reference   the reference MASS second pass: the same pass 1, then per group of samples
               with the same task set (and weights), materialise W0 + sum_t w_t U_t S_t V_t
               in every routed layer of a model copy and run the group through it. With
@@ -30,6 +35,7 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
+import math
 import os
 import sys
 
@@ -121,17 +127,23 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, base.config.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
+    cached_model = copy.deepcopy(built.model)  # its layers keep the cache
     rows = []
     for top_k, weighting in cases:
         # The same routed model; pass 1 selects top_k tasks per sample.
-        mm = mass_ext.MASS(built.model, built.task_names, router_layer=ROUTER_LAYER,
-                           pooling="mean", top_k=top_k, weighting=weighting).eval()
+        mm, mm_cached = (mass_ext.MASS(model, built.task_names, router_layer=ROUTER_LAYER,
+                                       pooling="mean", top_k=top_k, weighting=weighting).eval()
+                         for model in (built.model, cached_model))
+        mm_cached.cache_merged_weights(math.comb(T, top_k))
         reference = GroupedReference(mm, base)
         mixed = mixed_routing(batch, T, top_k, weighting)
 
+        def two_pass(model):
+            model.route(input_ids=ids, attention_mask=mask)
+            return model.run(mixed, input_ids=ids, attention_mask=mask)
+
         def mass_two_pass():
-            mm.route(input_ids=ids, attention_mask=mask)
-            return mm.run(mixed, input_ids=ids, attention_mask=mask)
+            return two_pass(mm)
 
         def reference_two_pass():
             mm.route(input_ids=ids, attention_mask=mask)
@@ -140,11 +152,15 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
         with torch.inference_mode():
             torch.testing.assert_close(mass_two_pass().last_hidden_state, reference_two_pass(),
                                        atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(two_pass(mm_cached).last_hidden_state,
+                                       mass_two_pass().last_hidden_state, atol=1e-5, rtol=1e-5)
             times = common.time_interleaved(
                 {"base": lambda: base(input_ids=ids, attention_mask=mask),
                  "base_torch": lambda: base_torch(input_ids=ids, attention_mask=mask),
-                 "mass": mass_two_pass, "reference": reference_two_pass},
+                 "mass": mass_two_pass, "mass_cached": lambda: two_pass(mm_cached),
+                 "reference": reference_two_pass},
                 rounds, min_run_time)
+            cache_mib = mm_cached.merged_cache_bytes / 2**20
         groups = len({(tuple(i), tuple(w)) for i, w in zip(mixed.indices.tolist(),
                                                            mixed.weights.tolist())})
         rows.append({
@@ -152,10 +168,11 @@ def run(rounds: int, min_run_time: float, T: int, batch: int, length: int,
             "groups": groups,
             "batch": batch, "length": length, "router_layer": ROUTER_LAYER,
             "routed_layers": len(mm.routed), "rank": sorted({m.rank for m in mm.routed.values()}),
-            "rounds": rounds,
+            "rounds": rounds, "merged_cache_mib": cache_mib,
             "median_ms": {p: 1e3 * sorted(t)[len(t) // 2] for p, t in times.items()},
             "ratios": {"mass/base": common.ratio_stats(times["mass"], times["base"]),
                        "mass/base_torch": common.ratio_stats(times["mass"], times["base_torch"]),
+                       "mass_cached/base": common.ratio_stats(times["mass_cached"], times["base"]),
                        "reference/mass": common.ratio_stats(times["reference"], times["mass"])}})
     return {"machine": common.machine_info(), "backend": mass_ext.backend(),
             "date": datetime.date.today().isoformat(), "rows": rows}
@@ -171,17 +188,22 @@ def markdown(result: dict) -> str:
         "",
         "| top-k | weights | groups (task set and weights) in the batch "
         "| two-pass MASS / base forward "
+        "| with the merged-weight cache / base forward (cache size) "
         "| reference (grouped, materialised) / two-pass MASS "
-        "| two-pass MASS / base forward with PyTorch's nn.Linear | base | MASS | reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| two-pass MASS / base forward with PyTorch's nn.Linear | base | MASS | MASS cached "
+        "| reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         r = row["ratios"]
         lines.append(
             f"| {row['top_k']} | {row['weighting']} | {row['groups']} "
-            f"| {common.ratio_cell(r['mass/base'])} | {common.ratio_cell(r['reference/mass'])} "
+            f"| {common.ratio_cell(r['mass/base'])} "
+            f"| {common.ratio_cell(r['mass_cached/base'])} ({row['merged_cache_mib']:.0f} MiB) "
+            f"| {common.ratio_cell(r['reference/mass'])} "
             f"| {common.ratio_cell(r['mass/base_torch'])} | {row['median_ms']['base']:.0f} ms "
-            f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['reference']:.0f} ms |")
+            f"| {row['median_ms']['mass']:.0f} ms | {row['median_ms']['mass_cached']:.0f} ms "
+            f"| {row['median_ms']['reference']:.0f} ms |")
     return "\n".join(lines) + "\n"
 
 

@@ -134,14 +134,17 @@ def test_the_reference_routes_every_sample_as_mass_ext_does(quick, first_pass, p
 
 
 def test_model_benchmark_reference_matches_mass_on_every_case():
-    """benchmarks/bench_model.py in miniature: the grouped reference reproduces two-pass
-    MASS (checked inside run) for top-1, top-2 and per-sample (softmax) weights."""
+    """benchmarks/bench_model.py in miniature: the grouped reference and MASS with its
+    merged-weight cache reproduce two-pass MASS (checked inside run) for top-1, top-2
+    and per-sample (softmax) weights; the cache holds the uniform cases' task sets and
+    steps aside for softmax's (a set per sample, more than it keeps)."""
     from benchmarks import bench_model
 
     result = bench_model.run(rounds=1, min_run_time=0.0, T=3, batch=6, length=8)
     cases = [(row["top_k"], row["weighting"], row["groups"]) for row in result["rows"]]
     assert cases == [(1, "uniform", 3), (2, "uniform", 3), (2, "softmax", 6)]
     assert "| 2 | softmax | 6 |" in bench_model.markdown(result)
+    assert [row["merged_cache_mib"] > 0 for row in result["rows"]] == [True, True, False]
 
 
 def test_merged_groups_benchmark_checks_both_paths_against_the_reference():
