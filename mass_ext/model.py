@@ -539,8 +539,8 @@ class MASS(nn.Module):
         0 (the default) turns it off. A routing with more distinct task sets (and weights)
         than max_sets, such as softmax weights that differ per sample, runs the op as
         without the cache. Applies with the C++ CPU kernel, without autograd (under
-        torch.no_grad() or torch.inference_mode(), or with no tensor requiring grad);
-        the results agree with the op's to float rounding. A layer's tensors changed in
+        torch.no_grad() or torch.inference_mode(), or with no tensor requiring grad) and
+        outside torch.compile (a compiled call keeps the op); the results agree with the op's to float rounding. A layer's tensors changed in
         place start its cache afresh (after changes through .data, call it again)."""
         if isinstance(max_sets, bool) or not isinstance(max_sets, int) or max_sets < 0:
             raise ValueError(f"max_sets must be an int >= 0, got {max_sets!r}")

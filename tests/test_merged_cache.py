@@ -256,6 +256,22 @@ def test_cache_survives_copies_and_threads(experts):
     assert set(copied.state_dict()) == set(mm.state_dict())  # the cache is not state
 
 
+def test_compiled_model_keeps_the_op(experts):
+    """Under torch.compile the layers run the op (the cache's bookkeeping is Python and
+    would break the graph): one graph, the eager result, nothing cached."""
+    mm = _mass(experts)
+    mm.cache_merged_weights(3)
+    routing = _mixed_routing(6, 3, 1, seed=30)
+    x = make_x((6, 24), seed=31)
+    compiled = torch.compile(mm.model, fullgraph=True)
+    with torch.no_grad(), mm.applying(routing):
+        out = compiled(x)
+    assert all(not layer._merged for layer in mm.routed.values())
+    mm.cache_merged_weights(0)
+    with torch.no_grad():
+        torch.testing.assert_close(out, mm.run(routing, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_cache_size_is_checked(experts, bad):
     with pytest.raises(ValueError, match="max_sets must be an int >= 0, got"):
