@@ -7,7 +7,7 @@ import mass_ext
 
 def test_compiled_extension_is_loaded():
     assert mass_ext.backend("cpu") == "cpp", "mass_ext._C did not load: build it first"
-    for name in ("route", "routed_linear", "routed_linear_prerouted"):
+    for name in ("route", "routed_linear", "routed_linear_prerouted", "_grouped_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mass_ext::{name}", "CPU"), name
 
 
