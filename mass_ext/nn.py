@@ -330,7 +330,10 @@ class RoutedLinear(nn.Module):
                 entries[key] = entries.pop(key, weight)  # most recently used
             merged.append(weight)
         while len(entries) > self.merged_cache_size:
-            entries.popitem(last=False)
+            try:
+                entries.popitem(last=False)
+            except KeyError:  # another thread emptied it meanwhile
+                break
         return merged, groups
 
     def _factor_stamp(self) -> tuple:

@@ -3,6 +3,7 @@ _grouped_linear: each row times the weight its group names, checked against the 
 on awkward shapes and every dtype; the cache agrees with the op, keeps at most max_sets
 task sets, notices changed tensors and steps aside where it does not apply."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -227,11 +228,15 @@ def test_cache_steps_aside_for_per_sample_weights_and_autograd(experts):
     assert leaf.grad is not None and mm.merged_cache_bytes == 0
 
 
-def test_cache_notices_changed_weights(experts):
+def _cached_case(experts, seed):
+    """A MASS model with the cache on (3 sets), a top-1 routing of 6 samples and their input."""
     mm = _mass(experts)
     mm.cache_merged_weights(3)
-    routing = _mixed_routing(6, 3, 1, seed=25)
-    x = make_x((6, 24), seed=26)
+    return mm, _mixed_routing(6, 3, 1, seed=seed), make_x((6, 24), seed=seed + 1)
+
+
+def test_cache_notices_changed_weights(experts):
+    mm, routing, x = _cached_case(experts, seed=25)
     with torch.no_grad():
         before = mm.run(routing, x)
         for layer in mm.routed.values():
@@ -245,24 +250,43 @@ def test_cache_notices_changed_weights(experts):
 
 
 def test_cache_survives_copies_and_threads(experts):
-    mm = _mass(experts)
-    mm.cache_merged_weights(3)
-    routing = _mixed_routing(6, 3, 1, seed=27)
-    x = make_x((6, 24), seed=28)
+    """A deep copy computes the same; the cache is not state. Threads calling the model at
+    once, each with its own routing (the cache shared, two sets at a time), each get the
+    output they get alone."""
+    mm, routing, x = _cached_case(experts, seed=27)
     with torch.no_grad():
         out = mm.run(routing, x)
         copied = copy.deepcopy(mm)
         assert torch.equal(copied.run(routing, x), out)
-    assert set(copied.state_dict()) == set(mm.state_dict())  # the cache is not state
+    assert set(copied.state_dict()) == set(mm.state_dict())
+    mm.cache_merged_weights(2)
+    routings = [mass_ext.Routing(torch.tensor([a, b] * 3)[:, None], torch.ones(6, 1),
+                                 torch.zeros(6, 3)) for a, b in ((0, 1), (1, 2), (2, 0))]
+    with torch.no_grad():
+        alone = [mm.run(r, x) for r in routings]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    got = mm.run(routings[i], x)
+                    if not torch.equal(got, alone[i]):
+                        results[i] = got
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not results
 
 
 def test_compiled_model_keeps_the_op(experts):
     """Under torch.compile the layers run the op (the cache's bookkeeping is Python and
     would break the graph): one graph, the eager result, nothing cached."""
-    mm = _mass(experts)
-    mm.cache_merged_weights(3)
-    routing = _mixed_routing(6, 3, 1, seed=30)
-    x = make_x((6, 24), seed=31)
+    mm, routing, x = _cached_case(experts, seed=30)
     compiled = torch.compile(mm.model, fullgraph=True)
     with torch.no_grad(), mm.applying(routing):
         out = compiled(x)
