@@ -535,7 +535,8 @@ class MASS(nn.Module):
         """Keep, in every routed layer, the merged weights W + sum_j w_j U_tj diag(S_tj)
         V_tj of up to `max_sets` task sets between calls (least recently used dropped), so
         pass 2 runs one grouped GEMM over them instead of merging again. Speed for memory:
-        each cached set costs one copy of the routed layers' weights (merged_cache_bytes);
+        each cached set costs one copy of the routed layers' weights (merged_cache_bytes;
+        float32 for a half-precision model, as the op merges);
         0 (the default) turns it off. A routing with more distinct task sets (and weights)
         than max_sets, such as softmax weights that differ per sample, runs the op as
         without the cache. Applies with the C++ CPU kernel, without autograd (under

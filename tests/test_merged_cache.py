@@ -173,6 +173,23 @@ def test_cache_merges_with_the_slot_weights(experts):
     assert [w for _, w in keys[0]] == pytest.approx([0.7, 0.3])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_cache_in_other_dtypes(experts, dtype):
+    """A model in another dtype: the merged weights are kept in the accumulation dtype
+    (float32 for half precision, as the op merges), so the outputs match the op's."""
+    mm, routing, x = _cached_case(experts, seed=32)
+    mm.model.to(dtype)
+    x = x.to(dtype)
+    with torch.no_grad():
+        cached = mm.run(routing, x)
+        merged = next(iter(mm.routed["0"]._merged.values()))
+        mm.cache_merged_weights(0)
+        expected = mm.run(routing, x)
+    assert cached.dtype == dtype and merged.dtype == reference.check.acc_dtype(dtype)
+    torch.testing.assert_close(cached, expected, rtol=1e-2 if dtype != torch.float64 else 1e-12,
+                               atol=1e-2 if dtype != torch.float64 else 1e-12)
+
+
 def test_cache_reproduces_each_expert(experts):
     base, finetuned, subspaces = experts
     mm = _mass(experts)
