@@ -440,3 +440,22 @@ def test_opt_whose_mlp_sees_the_tokens_flattened_routes_and_generates_per_prompt
             torch.testing.assert_close(logits[i], expert(input_ids=prompts[i:i + 1]).logits[0],
                                        atol=1e-5, rtol=1e-5)
             assert torch.equal(out[i], expert.generate(prompts[i:i + 1], **settings)[0]), i
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=2)], ids=["greedy", "beams"])
+def test_generate_with_the_merged_weight_cache(llama_experts, options):
+    """generate with the merged-weight cache on (prompts' rows repeated for beams, the KV
+    cache's one-token steps): the tokens and logits of generate without it."""
+    mm, _ = llama_experts
+    mm = copy.deepcopy(mm)
+    prompts = _prompts(seed=4)
+    settings = dict(max_new_tokens=4, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True, **options)
+    with torch.no_grad():
+        plain = mm.generate(prompts, attention_mask=torch.ones_like(prompts), **settings)
+        mm.cache_merged_weights(T)
+        cached = mm.generate(prompts, attention_mask=torch.ones_like(prompts), **settings)
+    assert mm.merged_cache_bytes > 0
+    assert torch.equal(cached.sequences, plain.sequences)
+    for a, b in zip(cached.scores, plain.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
