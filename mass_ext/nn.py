@@ -307,7 +307,8 @@ class RoutedLinear(nn.Module):
         sets than the cache keeps (merging them all anew every call would cost more than
         the op, which merges only large groups)."""
         if (self.merged_cache_size <= 0 or ops.backend(x.device) != "cpp"
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling()
+                or x.dtype != self.weight.dtype):  # the op names the mismatch
             return None
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad

@@ -313,6 +313,17 @@ def test_compiled_model_keeps_the_op(experts):
         torch.testing.assert_close(out, mm.run(routing, x), rtol=1e-5, atol=1e-5)
 
 
+def test_cache_leaves_bad_input_to_the_op(experts):
+    """An input of another dtype than the model's raises the op's error, cache or not
+    (its float32 merged weights would otherwise accept a bfloat16 input)."""
+    mm, routing, x = _cached_case(experts, seed=33)
+    for max_sets in (3, 0):
+        mm.cache_merged_weights(max_sets)
+        with torch.no_grad(), pytest.raises(TypeError,
+                match=r"^V must have the dtype of x \(bfloat16\), got float32"):
+            mm.run(routing, x.bfloat16())
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_cache_size_is_checked(experts, bad):
     with pytest.raises(ValueError, match="max_sets must be an int >= 0, got"):
