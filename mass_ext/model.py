@@ -539,7 +539,7 @@ class MASS(nn.Module):
         float32 for a half-precision model, as the op merges);
         0 (the default) turns it off. A routing with more distinct task sets (and weights)
         than max_sets, such as softmax weights that differ per sample, runs the op as
-        without the cache. Applies with the C++ CPU kernel, without autograd (under
+        without the cache. Applies on the CPU (the C++ kernel), without autograd (under
         torch.no_grad() or torch.inference_mode(), or with no tensor requiring grad) and
         outside torch.compile (a compiled call keeps the op); the results agree with the op's to float rounding. A layer's tensors changed in
         place start its cache afresh (after changes through .data, call it again)."""
