@@ -7,6 +7,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mass_ext
 from mass_ext import MASS, ops, reference
@@ -40,6 +42,27 @@ def _oracle(x, weights, bias, groups):
 def test_grouped_linear_matches_the_reference(dtype, rows, d_in, d_out, G, acc_weights):
     x, weights, b, groups = _grouped_case(rows, d_in, d_out, G, dtype, seed=10,
                                           acc_weights=acc_weights)
+    out = ops.grouped_linear(x, weights, b, groups)
+    baseline = reference.grouped_linear(x, weights, b, groups)
+    assert_close_to_oracle(out, _oracle(x, weights, b, groups), baseline, dtype)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(0, 300), d_in=st.integers(1, 80), d_out=st.integers(1, 80),
+       G=st.integers(1, 5), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([-10, 0, 10]),
+       bias=st.booleans(), acc_weights=st.booleans(), column_major=st.booleans(),
+       backend=st.sampled_from(["auto", "onednn", "aten"]), seed=st.integers(0, 2**16))
+def test_grouped_linear_fuzz(rows, d_in, d_out, G, dtype, scale, bias, acc_weights,
+                             column_major, backend, seed, monkeypatch):
+    """Random shapes (0 rows, 1 column), dtypes, value scales (2^-10, 1, 2^10: float16 holds
+    them), layouts
+    and GEMM back-ends, against the float64 oracle."""
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", backend)
+    x, weights, b, groups = _grouped_case(rows, d_in, d_out, G, dtype, seed=seed, bias=bias,
+                                          acc_weights=acc_weights)
+    x = x * 2.0 ** scale
+    if column_major:
+        x = x.T.contiguous().T
     out = ops.grouped_linear(x, weights, b, groups)
     baseline = reference.grouped_linear(x, weights, b, groups)
     assert_close_to_oracle(out, _oracle(x, weights, b, groups), baseline, dtype)
