@@ -55,8 +55,7 @@ def test_grouped_linear_matches_the_reference(dtype, rows, d_in, d_out, G, acc_w
 def test_grouped_linear_fuzz(rows, d_in, d_out, G, dtype, scale, bias, acc_weights,
                              column_major, backend, seed, monkeypatch):
     """Random shapes (0 rows, 1 column), dtypes, value scales (2^-10, 1, 2^10: float16 holds
-    them), layouts
-    and GEMM back-ends, against the float64 oracle."""
+    them), layouts and GEMM back-ends, against the float64 oracle."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", backend)
     x, weights, b, groups = _grouped_case(rows, d_in, d_out, G, dtype, seed=seed, bias=bias,
                                           acc_weights=acc_weights)
