@@ -2,7 +2,7 @@
 # Proves the CUDA sources compile, link and register on a machine without a GPU: creates
 # .venv-cuda (torch 2.14.1+cu130, which runs on the CPU), builds the extension with nvcc
 # in a copy of the tree (build/cuda/: the in-place CPU build is untouched), checks that
-# the compiled library registers a CUDA kernel for every op, and runs the CPU tests
+# the compiled library registers a CUDA kernel for every routed op, and runs the CPU tests
 # against that build. Nothing built here can run on a GPU; the GPU machine rebuilds
 # (benchmarks/gpu_check.sh).
 #
