@@ -14,7 +14,7 @@ import mass_ext
 from mass_ext import MASS, ops, reference
 
 from .helpers import assert_close_to_oracle, generator, make_x
-from .test_model import make_experts, task_inputs
+from .small_models import make_experts, task_inputs
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

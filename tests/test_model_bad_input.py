@@ -15,7 +15,7 @@ from torch import nn
 import mass_ext
 from mass_ext import MASS, RoutedLinear, Routing
 
-from .test_model import D_HIDDEN, D_IN, D_OUT, T, make_experts, task_inputs
+from .small_models import D_IN, D_OUT, make_experts
 
 
 @pytest.fixture(scope="module")
