@@ -322,6 +322,24 @@ def test_cache_survives_copies_and_threads(experts):
     assert not errors and not results
 
 
+def test_bundle_does_not_hold_the_cache(experts, tmp_path):
+    """save with the cache on writes the same bundle as without; the loaded model starts
+    with the cache off and computes the same."""
+    base, _, _ = experts
+    mm, routing, x = _cached_case(experts, seed=34)
+    with torch.no_grad():
+        out = mm.run(routing, x)
+    mm.save(tmp_path / "cached.safetensors")
+    mm.cache_merged_weights(0)
+    mm.save(tmp_path / "plain.safetensors")
+    assert (tmp_path / "cached.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    loaded = MASS.load(tmp_path / "cached.safetensors", copy.deepcopy(base))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.run(routing, x), out, rtol=1e-5, atol=1e-5)
+    assert loaded.merged_cache_bytes == 0
+    assert all(layer.merged_cache_size == 0 for layer in loaded.routed.values())
+
+
 def test_compiled_model_keeps_the_op(experts):
     """Under torch.compile the layers run the op (the cache's bookkeeping is Python and
     would break the graph): one graph, the eager result, nothing cached."""
