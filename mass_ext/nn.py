@@ -273,7 +273,9 @@ class RoutedLinear(nn.Module):
         tokens = self.state.flattened_tokens(x)
         if tokens is not None:  # each row takes its sample's decision
             indices, weights = self.state.flattened_routing(*tokens)
-            expand = lambda t: t  # noqa: E731 (one row of routing per row of x already)
+
+            def expand(t):  # one row of routing per row of x already
+                return t
         else:
             indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
             B = indices.shape[0]

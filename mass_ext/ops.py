@@ -159,13 +159,16 @@ if _LOADED:
         "mass_ext::routed_linear_prerouted": (_fake_prerouted, _reference_prerouted),
         "mass_ext::_grouped_linear": (_fake_grouped_linear, reference.grouped_linear),
     }
+    # The ops this build has no CUDA kernel for, read before the references fill the gap.
+    _NO_CUDA_KERNEL = {name for name in _OPS
+                       if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")}
     # Autograd is registered in C++ (csrc/autograd.cpp), for every device (_grouped_linear:
     # a clear error when grad is needed).
     for _name, (_fake, _ref) in _OPS.items():
         torch.library.register_fake(_name, _fake)
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(_name, "CUDA"):
+        if _name in _NO_CUDA_KERNEL:
             torch.library.register_kernel(_name, "cuda", _ref)
-            # `backend` reports the routed ops' kernels; the internal _grouped_linear has
-            # a CPU kernel only (its one user, the merged-weight cache, runs on the CPU).
-            if _name != "mass_ext::_grouped_linear":
-                _REFERENCE_KEYS.add("CUDA")
+    # `backend` names what runs the routed ops (the internal _grouped_linear has a CPU
+    # kernel only: its one user, the merged-weight cache, runs on the CPU).
+    if "mass_ext::routed_linear" in _NO_CUDA_KERNEL:
+        _REFERENCE_KEYS.add("CUDA")
