@@ -72,9 +72,11 @@ def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
 
 
 def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
-    """The grouped pass hands tiles to whichever thread is free: each tile is still one
-    call (two for task-set groups) on one thread, so the output is bitwise the same for
-    1, 2 or 3 threads, for merged groups and for task-set groups."""
+    """The grouped pass hands work to whichever thread is free: a row block's tiles
+    (1-3 threads here) or single tiles (16 threads: fewer row blocks than two per
+    thread). Each tile is still one call (two for task-set groups) on one thread, so the
+    output is bitwise the same for any thread count, for merged groups and for task-set
+    groups."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     layer = make_layer(5, 32, 70, 1030, seed=46)
     x = make_x((1300, 70), seed=47)
@@ -83,13 +85,13 @@ def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
                              _task_set_routing(1300, 5, generator(48))):
         try:
             outputs = []
-            for count in (1, 2, 3):
+            for count in (1, 2, 3, 16):
                 torch.set_num_threads(count)
                 outputs.append(mass_ext.routed_linear(x, *layer.params, indices=indices,
                                                       weights=weights))
         finally:
             torch.set_num_threads(threads)
-        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+        assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 def _zero_update_layer(rows, d_in, d_out, seed):
