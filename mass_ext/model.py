@@ -656,7 +656,8 @@ class MASS(nn.Module):
         if self.pooling == "tokens" and router_inputs and router_inputs[0].dim() == 3:
             mask = self._padding_mask(self.router_layers[0], router_inputs[0], kwargs)
         return route_features(
-            router_inputs, self.router_bases(), self.top_k if top_k is None else top_k,
+            router_inputs, [self.routed[name].V for name in self.router_layers],
+            self.top_k if top_k is None else top_k,
             attention_mask=mask, temperature=self.temperature,
             threshold=self.threshold if threshold is None else threshold,
             weighting=self.weighting if weighting is None else weighting)
@@ -730,9 +731,9 @@ class MASS(nn.Module):
         return [self._pool(name, captured[name], kwargs) for name in self.router_layers]
 
     def router_bases(self) -> torch.Tensor:
-        """The V that `route_features` routes the router inputs against: the router
-        layer's own, or for several layers their block-diagonal stack (cached, rebuilt
-        when a layer's V changes)."""
+        """The router layer's V, or for several layers their block-diagonal stack (cached,
+        rebuilt when a layer's V changes): what the router inputs are routed against as one
+        tensor (`route_features`; `decide` passes the layers' V one by one instead)."""
         Vs = [self.routed[name].V for name in self.router_layers]
         key = tuple((id(V), V._version) for V in Vs)
         if getattr(self, "_router_bases_key", None) != key:
@@ -1046,12 +1047,16 @@ def _mean_over_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
     return (x * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
-def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k: int = 1, *,
+def route_features(features: Sequence[torch.Tensor],
+                   bases: Union[torch.Tensor, Sequence[torch.Tensor]], top_k: int = 1, *,
                    temperature: float = 1.0, threshold: float = 0.0,
                    weighting: str = "uniform",
                    attention_mask: Optional[torch.Tensor] = None) -> Routing:
-    """Routes router-layer inputs (one tensor per layer) against `bases`
-    (`stack_router_bases` of the layers' V), with the options of `mass_ext.route`.
+    """Routes router-layer inputs (one tensor per layer) against the layers' bases, with
+    the options of `mass_ext.route`. bases: the layers' V (T, r_l, d_l), one per feature
+    tensor, or one tensor: the single layer's V, or the layers' block-diagonal stack
+    (`stack_router_bases`; the same routing, but its GEMM also multiplies the zero blocks:
+    n layers cost n times the multiply-adds).
 
     Pooled inputs (B, d_l): with several layers each input is scaled to unit norm and they
     are routed side by side, so the residual is sqrt(sum over layers of the layer's
@@ -1064,20 +1069,34 @@ def route_features(features: Sequence[torch.Tensor], bases: torch.Tensor, top_k:
     counts (all tokens count without it).
     """
     options = dict(temperature=temperature, threshold=threshold, weighting=weighting)
+    per_layer = not isinstance(bases, torch.Tensor)
+    if per_layer and len(bases) != len(features):
+        raise ValueError(f"bases must hold one V per router input, {len(features)}, got "
+                         f"{len(bases)}")
     dims = {f.dim() for f in features}
-    if dims == {2}:
-        x = features[0] if len(features) == 1 else torch.cat([_unit_rows(f) for f in features], -1)
-        return ops.route(x, bases, top_k, **options)
-    if dims != {3} or len({tuple(f.shape[:2]) for f in features}) != 1:
+    if dims == {2} and len(features) == 1:
+        return ops.route(features[0], bases[0] if per_layer else bases, top_k, **options)
+    if dims == {2} and not per_layer:
+        return ops.route(torch.cat([_unit_rows(f) for f in features], -1), bases, top_k,
+                         **options)
+    if dims == {3} and len({tuple(f.shape[:2]) for f in features}) == 1:
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(features[0].shape[:2]):
+            raise ValueError(f"attention_mask must have shape (B, L) = "
+                             f"{tuple(features[0].shape[:2])}, got {tuple(attention_mask.shape)}")
+    elif dims != {2}:
         raise ValueError("features must all be pooled (B, d) or all token features (B, L, d) "
                          f"of one (B, L), got shapes {[tuple(f.shape) for f in features]}")
-    x = torch.cat([_unit_rows(f) for f in features], dim=-1)
-    # The op validates bases and options; its per-token decision is not needed.
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"attention_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
-                         f"got {tuple(attention_mask.shape)}")
-    fractions = ops.route(x, bases, top_k, **options).residuals.square()   # (B, L, T)
-    residuals = _mean_over_tokens(fractions, attention_mask).sqrt()
+    # Each residual fraction, summed over the layers (the op validates bases and options;
+    # its per-row decision is not needed).
+    if per_layer:
+        fractions = sum(ops.route(_unit_rows(f), V, top_k, **options).residuals.square()
+                        for f, V in zip(features, bases))
+    else:
+        x = torch.cat([_unit_rows(f) for f in features], dim=-1)
+        fractions = ops.route(x, bases, top_k, **options).residuals.square()
+    if dims == {3}:
+        fractions = _mean_over_tokens(fractions, attention_mask)   # (B, L, T) -> (B, T)
+    residuals = fractions.sqrt()
     indices, weights = reference.select_tasks(residuals, top_k, temperature, threshold, weighting)
     return Routing(indices, weights, residuals)
 

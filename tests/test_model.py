@@ -151,6 +151,32 @@ def test_token_pooling_averages_each_tokens_residual_fraction_over_valid_tokens(
         assert torch.equal(one.indices, pooled.route(x[:, None]).indices)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(top_k=2, weighting="softmax", threshold=0.2),
+                                     dict(top_k=3, weighting="renormalized", temperature=0.5)])
+def test_per_layer_bases_route_like_their_block_diagonal_stack(experts, options):
+    """MASS routes several router layers against each layer's own V (n times fewer
+    multiply-adds than the block-diagonal stack); the routing is the stack's, pooled or
+    per token, padding masked."""
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer=["0", "2"], progress=False)
+    bases = [mm.routed["0"].V, mm.routed["2"].V]
+    g = torch.Generator().manual_seed(11)
+    pooled = [torch.randn(9, D_IN, generator=g), torch.randn(9, D_HIDDEN, generator=g)]
+    tokens = [torch.randn(9, 4, D_IN, generator=g), torch.randn(9, 4, D_HIDDEN, generator=g)]
+    mask = torch.ones(9, 4, dtype=torch.long)
+    mask[::2, 2:] = 0
+    for features, attention_mask in ((pooled, None), (tokens, None), (tokens, mask)):
+        one_by_one = mass_ext.route_features(features, bases, attention_mask=attention_mask,
+                                             **options)
+        stacked = mass_ext.route_features(features, mass_ext.stack_router_bases(bases),
+                                          attention_mask=attention_mask, **options)
+        assert torch.equal(one_by_one.indices, stacked.indices)
+        torch.testing.assert_close(one_by_one.residuals, stacked.residuals)
+        torch.testing.assert_close(one_by_one.weights, stacked.weights)
+    with pytest.raises(ValueError, match=r"bases must hold one V per router input, 2, got 1"):
+        mass_ext.route_features(pooled, bases[:1])
+
+
 def test_token_pooling_bad_inputs_are_clear_errors(experts):
     base, finetuned, subspaces = experts
     mm = MASS.from_finetuned(_TakesAMask(base), {k: _TakesAMask(m) for k, m in finetuned.items()},
