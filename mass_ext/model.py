@@ -1069,23 +1069,22 @@ def route_features(features: Sequence[torch.Tensor],
     counts (all tokens count without it).
     """
     options = dict(temperature=temperature, threshold=threshold, weighting=weighting)
-    per_layer = not isinstance(bases, torch.Tensor)
-    if per_layer and len(bases) != len(features):
-        raise ValueError(f"bases must hold one V per router input, {len(features)}, got "
-                         f"{len(bases)}")
     dims = {f.dim() for f in features}
+    if dims not in ({2}, {3}) or len({tuple(f.shape[:-1]) for f in features}) != 1:
+        raise ValueError("features must all be pooled (B, d) or all token features (B, L, d) "
+                         f"of one (B, L), got shapes {[tuple(f.shape) for f in features]}")
+    per_layer = not isinstance(bases, torch.Tensor)
+    if per_layer:
+        _check_layer_bases(features, bases)
     if dims == {2} and len(features) == 1:
         return ops.route(features[0], bases[0] if per_layer else bases, top_k, **options)
     if dims == {2} and not per_layer:
         return ops.route(torch.cat([_unit_rows(f) for f in features], -1), bases, top_k,
                          **options)
-    if dims == {3} and len({tuple(f.shape[:2]) for f in features}) == 1:
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(features[0].shape[:2]):
-            raise ValueError(f"attention_mask must have shape (B, L) = "
-                             f"{tuple(features[0].shape[:2])}, got {tuple(attention_mask.shape)}")
-    elif dims != {2}:
-        raise ValueError("features must all be pooled (B, d) or all token features (B, L, d) "
-                         f"of one (B, L), got shapes {[tuple(f.shape) for f in features]}")
+    if (dims == {3} and attention_mask is not None
+            and tuple(attention_mask.shape) != tuple(features[0].shape[:2])):
+        raise ValueError(f"attention_mask must have shape (B, L) = "
+                         f"{tuple(features[0].shape[:2])}, got {tuple(attention_mask.shape)}")
     # Each residual fraction, summed over the layers (the op validates bases and options;
     # its per-row decision is not needed).
     if per_layer:
@@ -1099,6 +1098,22 @@ def route_features(features: Sequence[torch.Tensor],
     residuals = fractions.sqrt()
     indices, weights = reference.select_tasks(residuals, top_k, temperature, threshold, weighting)
     return Routing(indices, weights, residuals)
+
+
+def _check_layer_bases(features: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
+    """One V (T, r_l, d_l) per router input (..., d_l), all of one T: the per-layer
+    residuals are summed per task, and would broadcast otherwise."""
+    if len(bases) != len(features):
+        raise ValueError(f"bases must hold one V per router input, {len(features)}, got "
+                         f"{len(bases)}")
+    for i, (f, V) in enumerate(zip(features, bases)):
+        if not isinstance(V, torch.Tensor) or V.dim() != 3 or V.shape[2] != f.shape[-1]:
+            got = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"bases[{i}] must be the V (T, r, d) of router input {i}, whose "
+                             f"width is d = {f.shape[-1]}; got {got}")
+    if len({V.shape[0] for V in bases}) != 1:
+        raise ValueError(f"bases must all have the same number of tasks T, got shapes "
+                         f"{[tuple(V.shape) for V in bases]}")
 
 
 def _router_layer_list(router_layer: RouterLayers, model: nn.Module) -> list:

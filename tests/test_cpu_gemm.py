@@ -73,7 +73,7 @@ def test_prerouted_merged_groups_with_each_gemm(layout, gemm):
 
 def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
     """The grouped pass hands work to whichever thread is free: a row block's tiles
-    (1-3 threads here) or single tiles (16 threads: fewer row blocks than two per
+    (one thread here) or single tiles (16 threads: fewer than four row blocks per
     thread). Each tile is still one call (two for task-set groups) on one thread, so the
     output is bitwise the same for any thread count, for merged groups and for task-set
     groups."""

@@ -175,6 +175,15 @@ def test_per_layer_bases_route_like_their_block_diagonal_stack(experts, options)
         torch.testing.assert_close(one_by_one.weights, stacked.weights)
     with pytest.raises(ValueError, match=r"bases must hold one V per router input, 2, got 1"):
         mass_ext.route_features(pooled, bases[:1])
+    with pytest.raises(ValueError, match=rf"bases\[0\] must be the V \(T, r, d\) of router "
+                                         rf"input 0, whose width is d = {D_HIDDEN}"):
+        mass_ext.route_features(pooled[::-1], bases)
+    with pytest.raises(ValueError, match=r"bases must all have the same number of tasks T"):
+        mass_ext.route_features(pooled, [bases[0][:1], bases[1]])   # would broadcast
+    with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
+        mass_ext.route_features([pooled[0][:1], pooled[1]], bases)  # would broadcast
+    with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
+        mass_ext.route_features([], [])
 
 
 def test_token_pooling_bad_inputs_are_clear_errors(experts):

@@ -225,15 +225,25 @@ int64_t output_row(const RowGroup& group, int64_t m) {
 // Each group's rows of input (float32, contiguous) times its weight^T, + b, into the same
 // rows of out (float32, contiguous). Threads take work one unit at a time (tiles of
 // different groups differ in size); each tile's result is copied once, straight to its
-// rows. A unit is one tile, or, when there are enough row blocks to keep every thread
-// busy, all the column tiles of one row block, whose input rows are then gathered once
-// instead of once per tile (a mixed batch's groups are scattered rows). With 5 tasks and
-// 26 rows a sample, 1664 rows, 4 column tiles of 96, the grouped GEMM of a 384-output
-// layer took 1.33-1.36x one oneDNN call over the batch gathering per tile and 1.24-1.28x
-// per block with d_in = 1536, 1.44-1.57x and 1.41-1.44x with d_in = 384 (interleaved A/B,
-// 2026-12-01). Either way every tile is the same oneDNN call on the same rows, so the
-// result does not depend on the thread count.
-constexpr int64_t kRowBlocksPerThread = 2;
+// rows. A unit is one tile, or, when its rows are copied (scattered rows, or a second
+// product's rows, which are computed) and there are enough row blocks to keep every
+// thread busy, all the column tiles of one row block, which then copies its rows once
+// instead of once per tile. With 5 tasks and 26 rows a sample (a mixed batch, 1664 rows,
+// 4 column tiles of 96), the grouped GEMM of a 384-output layer took 1.33-1.36x one
+// oneDNN call over the batch copying per tile and 1.24-1.28x per block with d_in = 1536,
+// 1.44-1.57x and 1.41-1.44x with d_in = 384 (interleaved A/B, 2026-12-01). Either way
+// every tile is the same oneDNN call on the same rows, so the result does not depend on
+// the thread count.
+constexpr int64_t kRowBlocksPerThread = 4;
+
+// Whether a tile of the group copies its input rows: they are not consecutive rows of the
+// input, or the group has a second product (whose rows extra_rows computes).
+bool copies_rows(const RowGroup& group) {
+  if (group.extra_weight != nullptr) return true;
+  for (int64_t m = 1; group.rows != nullptr && m < group.count; ++m)
+    if (group.rows[m] != group.rows[0] + m) return true;
+  return false;
+}
 
 void onednn_tiles(
     const c10::TypedOperatorHandle<OneDnnLinear>& linear, const at::Tensor& input,
@@ -248,7 +258,9 @@ void onednn_tiles(
       blocks.push_back(i);
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> units;
-  if (static_cast<int64_t>(blocks.size()) >= kRowBlocksPerThread * threads) {
+  if (blocks.size() < items.size() &&
+      static_cast<int64_t>(blocks.size()) >= kRowBlocksPerThread * threads &&
+      std::any_of(groups.begin(), groups.end(), copies_rows)) {
     units = std::move(blocks);
   } else {
     units.resize(items.size());
