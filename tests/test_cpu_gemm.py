@@ -6,6 +6,8 @@ forces one backend for every size, which these tests use to run the grid through
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -134,8 +136,8 @@ def test_large_gemms_take_onednn_by_default(monkeypatch):
 
 
 def test_many_tiles_with_ragged_edges(monkeypatch):
-    """An output of 16+ tiles whose last row and column tiles are partial, in every
-    dispatch state the model code uses (inference mode, no_grad, autograd)."""
+    """An output of several tiles (2 x 3) whose last row and column tiles are partial,
+    in every dispatch state the model code uses (inference mode, no_grad, autograd)."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     x, params = _zero_update_layer(301, 70, 1030, seed=3)
     expected = torch.addmm(params[1].double(), x.double(), params[0].double().t())
@@ -212,6 +214,37 @@ def test_onednn_calls_take_few_row_counts(monkeypatch):
     assert len(row_counts) > 5
     assert all(n <= 16 or n % (1 << (n.bit_length() - 4)) == 0 for n in row_counts), \
         sorted(row_counts)
+
+
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_tiles_grow_past_two_per_cpu(monkeypatch):
+    """The dense GEMM's tiles come from the shape and the machine's CPU count, never the
+    thread setting: past two tiles per CPU a split must leave larger tiles. 200 x 384 x
+    384 (2^24.8 multiply-adds) is two 192-column oneDNN calls on up to 2 CPUs, four of 96
+    columns on more; the same for 1 and 2 threads, and every row as x W^T + b."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
+    x, params = _zero_update_layer(200, 384, 384, seed=56)
+    indices, weights = torch.full((200, 1), -1), torch.zeros(200, 1)
+    expected_cols = [192] * 2 if (os.cpu_count() or 1) <= 2 else [96] * 4
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                outputs.append(mass_ext.routed_linear(x, *params, indices=indices,
+                                                      weights=weights))
+            calls = [event.input_shapes for event in prof.events()
+                     if event.name == "mkldnn::_linear_pointwise"]
+            assert sorted(shapes[1][0] for shapes in calls) == expected_cols
+            assert all(shapes[0][0] == 208 for shapes in calls)  # 200 rows, padded
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], torch.addmm(params[1], x, params[0].t()),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("first", [1, 9, 40])
