@@ -217,11 +217,12 @@ def test_onednn_calls_take_few_row_counts(monkeypatch):
 
 
 @pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
-def test_tiles_grow_past_two_per_cpu(monkeypatch):
-    """The dense GEMM's tiles come from the shape and the machine's CPU count, never the
-    thread setting: past two tiles per CPU a split must leave larger tiles. 200 x 384 x
-    384 (2^24.8 multiply-adds) is two 192-column oneDNN calls on up to 2 CPUs, four of 96
-    columns on more; the same for 1 and 2 threads, and every row as x W^T + b."""
+def test_tiles_grow_once_they_outnumber_the_cpus(monkeypatch):
+    """The dense GEMM's tiles come from the shape and the machine's logical CPU count
+    (C++'s hardware_concurrency, taken to be os.cpu_count() here), never the thread
+    setting: a split that would leave more tiles than CPUs must leave larger ones. 200 x
+    384 x 384 (2^24.8 multiply-adds) is two 192-column oneDNN calls on up to 2 CPUs, four
+    of 96 columns on more; the same for 1 and 2 threads, and every row as x W^T + b."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")

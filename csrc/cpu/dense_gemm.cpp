@@ -66,13 +66,14 @@ constexpr double kOneDnnMinMacs = 4194304;  // 2^22
 // (256, 256, 256, 52) left one of 2 threads 62% of the work, 1.3-1.4x the time of one
 // oneDNN call with its own threading, against 1.0-1.2x for equal tiles (2026-12-01; the
 // "dense tiles" column of benchmarks/bench_cpu_gemm.py). Columns are split in multiples
-// of 16 (a 512-bit vector of floats). Past 2 tiles per CPU of the machine a split must
-// leave larger tiles (up to 4 kMinTileMacs), unless the count is odd (uneven threads):
-// on 2 CPUs, 128-1664 rows of 384 x 384, 384 x 1536, 1536 x 384 and 768 x 768 layers
-// took 1.07-1.23x one oneDNN call, against 1.11-1.55x with the one floor for every split
-// (interleaved in one process, 2026-12-01); on 16 CPUs the floor stays kMinTileMacs up to
-// 8 tiles. A function of the shape and the machine's CPU count alone, so the reduction
-// order (every bit of the result) does not depend on the thread count.
+// of 16 (a 512-bit vector of floats). A split that would leave more tiles than the
+// machine has CPUs must also leave each at least kMinTileMacs times its tiles per CPU
+// (at most 4 kMinTileMacs), unless the count is not a multiple of the CPUs (threads
+// unevenly loaded): on 2 CPUs, 128-1664 rows of 384 x 384, 384 x 1536, 1536 x 384 and
+// 768 x 768 layers took 1.07-1.23x one oneDNN call, against 1.11-1.55x with kMinTileMacs
+// for every split (interleaved in one process, 2026-12-01). From 16 CPUs on no count
+// below kMinTiles is a multiple of the CPUs, so they split as before. A function of the shape and the machine's logical CPU count alone (read once),
+// so the reduction order (every bit of the result) does not depend on the thread count.
 constexpr int64_t kMaxTileRows = 256, kMaxTileCols = 512;
 constexpr int64_t kMinTileRows = 32, kMinTileCols = 64;
 constexpr int64_t kMinTiles = 16;
@@ -96,17 +97,18 @@ Tiling tiling_for(int64_t M, int64_t K, int64_t N) {
   };
   // The machine's CPUs, not the thread setting (which would change the tiles, and so the
   // bits, with torch.set_num_threads).
-  static const double cpus = std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t cpus = std::max(1u, std::thread::hardware_concurrency());
   while (row_tiles * col_tiles < kMinTiles) {
     const int64_t count = row_tiles * col_tiles;
-    const double floor =
-        count % 2 == 1 ? kMinTileMacs
-                       : std::clamp(kMinTileMacs * 2 * count / cpus, kMinTileMacs, 4 * kMinTileMacs);
+    const double min_macs =
+        count % cpus != 0 ? kMinTileMacs
+                          : std::clamp(kMinTileMacs * static_cast<double>(2 * count) / cpus,
+                                       kMinTileMacs, 4 * kMinTileMacs);
     const int64_t rows = rows_of(row_tiles), split_cols = cols_of(2 * col_tiles);
-    if (split_cols >= kMinTileCols && macs(rows, split_cols) >= floor) {
+    if (split_cols >= kMinTileCols && macs(rows, split_cols) >= min_macs) {
       col_tiles *= 2;
     } else if (rows_of(2 * row_tiles) >= kMinTileRows &&
-               macs(rows_of(2 * row_tiles), cols_of(col_tiles)) >= floor) {
+               macs(rows_of(2 * row_tiles), cols_of(col_tiles)) >= min_macs) {
       row_tiles *= 2;
     } else {
       break;
