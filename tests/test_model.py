@@ -6,6 +6,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mass_ext
@@ -184,6 +186,50 @@ def test_per_layer_bases_route_like_their_block_diagonal_stack(experts, options)
         mass_ext.route_features([pooled[0][:1], pooled[1]], bases)  # would broadcast
     with pytest.raises(ValueError, match=r"features must all be pooled \(B, d\) or all token"):
         mass_ext.route_features([], [])
+
+
+@st.composite
+def _router_features(draw):
+    """1-3 router layers (T tasks; each its own rank below its width, so that random
+    inputs have residuals far from the identity's cancellation error near 0) and their
+    inputs, pooled (B, d_l) or per token (B, L, d_l) with a padding mask, float64; some
+    rows zero (all tasks tied: the lower id first)."""
+    T = draw(st.integers(1, 4))
+    widths = draw(st.lists(st.integers(2, 9), min_size=1, max_size=3))
+    B, L = draw(st.integers(1, 5)), draw(st.sampled_from([None, 1, 3]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    bases, features = [], []
+    for d in widths:
+        r = draw(st.integers(1, d - 1))
+        bases.append(torch.linalg.qr(torch.randn(T, d, r, generator=g, dtype=torch.float64))
+                     .Q.transpose(1, 2).contiguous())
+        f = torch.randn(B, *([] if L is None else [L]), d, generator=g, dtype=torch.float64)
+        if draw(st.booleans()):
+            f[0] = 0
+        features.append(f)
+    mask = None
+    if L is not None and draw(st.booleans()):
+        mask = (torch.rand(B, L, generator=g) < 0.7).long()
+    top_k = draw(st.integers(1, T))
+    options = dict(top_k=top_k, weighting=draw(st.sampled_from(["uniform", "softmax",
+                                                                  "renormalized"])),
+                   threshold=draw(st.sampled_from([0.0, 0.2])),
+                   temperature=draw(st.sampled_from([0.5, 1.0])))
+    return features, bases, mask, options
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(case=_router_features())
+def test_per_layer_bases_fuzz_against_the_stack(case):
+    """Any number of router layers, ranks, widths, poolings and options: routing against
+    the layers' own V is routing against their block-diagonal stack."""
+    features, bases, mask, options = case
+    one_by_one = mass_ext.route_features(features, bases, attention_mask=mask, **options)
+    stacked = mass_ext.route_features(features, mass_ext.stack_router_bases(bases),
+                                      attention_mask=mask, **options)
+    assert torch.equal(one_by_one.indices, stacked.indices)
+    torch.testing.assert_close(one_by_one.residuals, stacked.residuals, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(one_by_one.weights, stacked.weights, rtol=1e-9, atol=1e-9)
 
 
 def test_token_pooling_bad_inputs_are_clear_errors(experts):
