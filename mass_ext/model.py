@@ -536,13 +536,14 @@ class MASS(nn.Module):
         V_tj of up to `max_sets` task sets between calls (least recently used dropped), so
         pass 2 runs one grouped GEMM over them instead of merging again. Speed for memory:
         each cached set costs one copy of the routed layers' weights (merged_cache_bytes;
-        float32 for a half-precision model, as the op merges);
-        0 (the default) turns it off. A routing with more distinct task sets (and weights)
-        than max_sets, such as softmax weights that differ per sample, runs the op as
-        without the cache. Applies on the CPU (the C++ kernel), without autograd (under
-        torch.no_grad() or torch.inference_mode(), or with no tensor requiring grad) and
-        outside torch.compile (a compiled call keeps the op); the results agree with the op's to float rounding. A layer's tensors changed in
-        place start its cache afresh (after changes through .data, call it again)."""
+        float32 for a half-precision model, as the op merges); 0 (the default) turns it
+        off. A routing with more distinct task sets (and weights) than max_sets, such as
+        softmax weights that differ per sample, runs the op as without the cache. Applies
+        on the CPU (the C++ kernel), without autograd (under torch.no_grad() or
+        torch.inference_mode(), or with no tensor requiring grad) and outside
+        torch.compile (a compiled call keeps the op); the results agree with the op's to
+        float rounding. A layer's tensors changed in place start its cache afresh (after
+        changes through .data, call it again)."""
         if isinstance(max_sets, bool) or not isinstance(max_sets, int) or max_sets < 0:
             raise ValueError(f"max_sets must be an int >= 0, got {max_sets!r}")
         for layer in self.routed.values():

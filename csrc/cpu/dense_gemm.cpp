@@ -72,8 +72,9 @@ constexpr double kOneDnnMinMacs = 4194304;  // 2^22
 // unevenly loaded): on 2 CPUs, 128-1664 rows of 384 x 384, 384 x 1536, 1536 x 384 and
 // 768 x 768 layers took 1.07-1.23x one oneDNN call, against 1.11-1.55x with kMinTileMacs
 // for every split (interleaved in one process, 2026-12-01). From 16 CPUs on no count
-// below kMinTiles is a multiple of the CPUs, so they split as before. A function of the shape and the machine's logical CPU count alone (read once),
-// so the reduction order (every bit of the result) does not depend on the thread count.
+// below kMinTiles is a multiple of the CPUs, so they split as before. A function of the
+// shape and the machine's logical CPU count alone (read once), so the reduction order
+// (every bit of the result) does not depend on the thread count.
 constexpr int64_t kMaxTileRows = 256, kMaxTileCols = 512;
 constexpr int64_t kMinTileRows = 32, kMinTileCols = 64;
 constexpr int64_t kMinTiles = 16;
