@@ -82,8 +82,7 @@ def test_own_decoding_loop_with_a_kv_cache_through_run(llama_experts):
         routing = mm.route(input_ids=prompts)
         whole = mm.run(routing, input_ids=prompts).logits
         first = mm.run(routing, input_ids=prompts[:, :-1], use_cache=True)
-        step = mm.run(routing, input_ids=prompts[:, -1:], past_key_values=first.past_key_values,
-                      use_cache=True)
+        step = mm.run(routing, input_ids=prompts[:, -1:], cache=first.cache, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
 
 
@@ -96,7 +95,7 @@ def test_per_layer_mode_pools_the_current_tokens_of_a_mask_that_covers_the_cache
     prompts = _prompts(seed=15)
     mask = torch.ones_like(prompts)
     with torch.no_grad():
-        cache = per_layer(input_ids=prompts, attention_mask=mask, use_cache=True).past_key_values
+        cache = per_layer(input_ids=prompts, attention_mask=mask, use_cache=True).cache
         step = prompts[:, :1]
         per_layer(input_ids=step, attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=cache)
         assert per_layer.routing.indices.shape == (4, 1)
@@ -108,7 +107,7 @@ def test_two_pass_refuses_a_kv_cache_and_direct_calls(llama_experts):
     mm, _ = llama_experts
     prompts = _prompts(seed=4)
     with torch.no_grad():
-        cache = mm(input_ids=prompts, use_cache=True).past_key_values
+        cache = mm(input_ids=prompts, use_cache=True).cache
         length = cache.get_seq_length()
         with pytest.raises(ValueError, match=r"cannot take a KV cache \(past_key_values=\.\.\.\)"):
             mm(input_ids=prompts[:, :1], past_key_values=cache)
@@ -188,7 +187,7 @@ def test_kv_cache_given_by_position_is_refused_too(llama_experts):
     mm, _ = llama_experts
     prompts = _prompts(seed=7)
     with torch.no_grad():
-        cache = mm(input_ids=prompts, use_cache=True).past_key_values
+        cache = mm(input_ids=prompts, use_cache=True).cache
         with pytest.raises(ValueError, match=r"cannot take a KV cache \(cache=\.\.\.\)"):
             mm(prompts[:, :1], None, None, cache)
         assert cache.get_seq_length() == 5
