@@ -319,17 +319,20 @@ void onednn_tiles(
         const float* y2_data = y2.defined() ? y2.const_data_ptr<float>() : nullptr;
         const float* addend =
             group.addend != nullptr ? group.addend->const_data_ptr<float>() + it.n0 : nullptr;
-        // Row by row: the product, then (in this order) the second product and the addend.
+        // Row by row, in one pass over the output row: the product, + the second product,
+        // + the addend (summed in this order).
         for (int64_t m = it.m0; m < it.m1; ++m) {
           float* target = out_data + output_row(group, m) * N + it.n0;
-          std::memcpy(target, y_data + (m - it.m0) * cols, sizeof(float) * cols);
-          if (y2_data != nullptr) {
-            const float* b = y2_data + (m - it.m0) * cols;
-            for (int64_t c = 0; c < cols; ++c) target[c] += b[c];
-          }
-          if (addend != nullptr) {
-            const float* c_row = addend + m * N;
-            for (int64_t c = 0; c < cols; ++c) target[c] += c_row[c];
+          const float* product = y_data + (m - it.m0) * cols;
+          const float* second = y2_data != nullptr ? y2_data + (m - it.m0) * cols : nullptr;
+          const float* added = addend != nullptr ? addend + m * N : nullptr;
+          if (second != nullptr && added != nullptr) {
+            for (int64_t c = 0; c < cols; ++c) target[c] = (product[c] + second[c]) + added[c];
+          } else if (second != nullptr || added != nullptr) {
+            const float* other = second != nullptr ? second : added;
+            for (int64_t c = 0; c < cols; ++c) target[c] = product[c] + other[c];
+          } else {
+            std::memcpy(target, product, sizeof(float) * cols);
           }
         }
       }
