@@ -194,6 +194,40 @@ def test_prerouted_large_groups_match_reference(dtype, layout):
     _check_nan_rows_stay_apart(x, layer, indices, weights)
 
 
+def _routing_in_runs(T, g):
+    """(indices, weights) (n, 2) in runs of 8-20 equal rows, as a sample's tokens take the
+    sample's decision, each run's neighbours with the same tasks and other weights: a
+    group's weights (0.75, -0.5) next to (0.7, -0.5) and (0.75, -0.25), weight 0 next to
+    -0 (one group), a NaN weight, nothing selected; the runs of each kind shuffled."""
+    kinds = [((2, 1), (0.75, -0.5)), ((2, 1), (0.7, -0.5)), ((2, 1), (0.75, -0.25)),
+             ((0, -1), (1.0, 0.0)), ((0, -1), (1.0, -0.0)), ((T - 1, 0), (1.0, float("nan"))),
+             ((-1, -1), (1.0, 1.0))]
+    runs = [kind for kind, count in zip(kinds, (8, 6, 6, 5, 5, 8, 3)) for _ in range(count)]
+    indices, weights = [], []
+    for i in torch.randperm(len(runs), generator=g).tolist():
+        length = int(torch.randint(8, 21, (), generator=g))
+        indices += [runs[i][0]] * length
+        weights += [runs[i][1]] * length
+    return torch.tensor(indices), torch.tensor(weights)
+
+
+@pytest.mark.parametrize("dtype", MAIN_DTYPES, ids=str)
+def test_prerouted_groups_from_runs_of_equal_rows(dtype):
+    """Rows arriving in runs that share one routing (two-pass MASS's tokens): the kernel
+    groups a run with the row before it only when the indices and weights are the same;
+    every row as the reference computes it, rows of the same tasks with other weights
+    included."""
+    T, d_in, d_out = 5, 48, 40
+    layer = make_layer(T, 32, d_in, d_out, dtype=dtype, seed=60)
+    indices, weights = _routing_in_runs(T, generator(61))
+    x = make_x((indices.shape[0], d_in), dtype, seed=62)
+    out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+    ok = ~weights.isnan().any(-1)
+    assert bool(out[~ok].isnan().all()) and bool(out[ok].isfinite().all())
+    assert_output_matches(out[ok], x[ok], layer, indices[ok], weights[ok])
+    _check_against_low_rank_path(out[ok], x[ok], layer, indices[ok], weights[ok], dtype)
+
+
 def _task_set_routing(n_rows, T, g):
     """(indices, weights) (n_rows >= 1300, 2): rows sharing a task set with weights of their
     own (as softmax gives), so never merged: a set in both slot orders (together above the
