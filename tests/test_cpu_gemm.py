@@ -248,6 +248,40 @@ def test_tiles_grow_once_they_outnumber_the_cpus(monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
+def test_group_tiles_divide_evenly_among_the_cpus():
+    """A grouped GEMM's row tiles, cut group by group, get one more in the group with the
+    most rows per tile until the CPUs divide their count: 5 groups of 4 x 832 and 768
+    rows (a mixed batch of 64 x 64 tokens) of 384 x 384 are 16 tiles of 208 rows and 4 of
+    192 on up to 2 CPUs (19 before: 3 of 256 for the 768 rows); the same bits on 1 and 2
+    threads, every row times its group's weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = generator(57)
+    x = torch.randn(4096, 384, generator=g)
+    weights = [torch.randn(384, 384, generator=g) / 20 for _ in range(5)]
+    bias = torch.randn(384, generator=g)
+    groups = (torch.arange(64) % 5).repeat_interleave(64)   # sample i -> group i % 5
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                outputs.append(mass_ext.ops.grouped_linear(x, weights, bias, groups))
+            rows = sorted(event.input_shapes[0][0] for event in prof.events()
+                          if event.name == "mkldnn::_linear_pointwise")
+            if (os.cpu_count() or 1) <= 2:
+                assert rows == [192] * 4 + [208] * 16
+            else:
+                assert len(rows) % os.cpu_count() == 0 or len(rows) < 2 * os.cpu_count()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    expected = torch.stack([x[n] @ weights[int(groups[n])].t() for n in range(0, 4096, 97)])
+    torch.testing.assert_close(outputs[0][::97], expected + bias, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("first", [1, 9, 40])
 def test_padded_tiles_at_the_end_of_the_input(first, gemm):
     """A merged group of consecutive rows that ends the input: its oneDNN call gets more

@@ -87,6 +87,13 @@ struct Tiling {
   int64_t rows, cols;
 };
 
+// The machine's logical CPUs, read once. Tiles are sized from it, never from the thread
+// setting (which would change the tiles, and so the bits, with torch.set_num_threads).
+int64_t machine_cpus() {
+  static const int64_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  return cpus;
+}
+
 Tiling tiling_for(int64_t M, int64_t K, int64_t N) {
   int64_t row_tiles = ceil_div(M, kMaxTileRows), col_tiles = ceil_div(N, kMaxTileCols);
   const auto rows_of = [&](int64_t tiles) { return ceil_div(M, tiles); };
@@ -96,9 +103,7 @@ Tiling tiling_for(int64_t M, int64_t K, int64_t N) {
   const auto macs = [&](int64_t rows, int64_t cols) {
     return static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(K);
   };
-  // The machine's CPUs, not the thread setting (which would change the tiles, and so the
-  // bits, with torch.set_num_threads).
-  static const int64_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t cpus = machine_cpus();
   while (row_tiles * col_tiles < kMinTiles) {
     const int64_t count = row_tiles * col_tiles;
     const double min_macs =
@@ -159,14 +164,46 @@ int64_t padded_rows(int64_t count) {
 // get the large tiles the whole batch would, not T times the tiles of a small GEMM),
 // each group cut into equal row tiles (in multiples of kRowQuantum), none crossing groups.
 std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K, int64_t N) {
+  const int64_t G = static_cast<int64_t>(groups.size());
   int64_t total = 0;
   for (const RowGroup& group : groups) total += group.count;
   const Tiling tile = tiling_for(total, K, N);
+  std::vector<int64_t> row_tiles(G, 0);
+  int64_t count_all = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    row_tiles[g] = ceil_div(groups[g].count, tile.rows);
+    count_all += row_tiles[g];
+  }
+  // Groups cut into whole tiles rarely give a row tile count the CPUs divide: the 5 groups
+  // of a mixed batch of 4096 rows (4 x 832 and 768) made 19 tiles of 192-256 rows, 10 for
+  // one thread and 9 for the other. While there are at least two tiles per CPU, the group
+  // with the most rows per tile takes one more tile until they divide evenly (never below
+  // kMinTileRows or kMinTileMacs a tile). On 2 CPUs (interleaved A/B, 2026-12-01) the
+  // grouped GEMM of that batch went from 1.14-1.21x one oneDNN call to 1.09-1.14x, and a
+  // routed layer of bench_model.py's top-1 batch from 1.38-1.49x to 1.33-1.42x.
+  const int64_t cpus = machine_cpus();
+  if (count_all * ceil_div(N, tile.cols) >= 2 * cpus) {
+    while (count_all % cpus != 0) {
+      int64_t widest = -1;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = row_tiles[g] > 0 ? ceil_div(groups[g].count, row_tiles[g] + 1) : 0;
+        if (rows >= kMinTileRows &&
+            static_cast<double>(rows) * static_cast<double>(tile.cols) * static_cast<double>(K) >=
+                kMinTileMacs &&
+            (widest < 0 || groups[g].count * row_tiles[widest] >
+                               groups[widest].count * row_tiles[g]))
+          widest = g;
+      }
+      if (widest < 0) break;
+      ++row_tiles[widest];
+      ++count_all;
+    }
+  }
   std::vector<TileItem> items;
-  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+  for (int64_t g = 0; g < G; ++g) {
     const int64_t count = groups[g].count;
     if (count == 0) continue;
-    const int64_t rows = round_up(ceil_div(count, ceil_div(count, tile.rows)), kRowQuantum);
+    const int64_t rows = round_up(ceil_div(count, row_tiles[g]), kRowQuantum);
     for (int64_t m0 = 0; m0 < count; m0 += rows)
       for (int64_t n0 = 0; n0 < N; n0 += tile.cols)
         items.push_back({g, m0, std::min(count, m0 + rows), n0, std::min(N, n0 + tile.cols)});
