@@ -32,6 +32,8 @@ MODES = ("two_pass", "per_layer")
 _CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_params", "past_key_value")
 
 _eager_get_ident = None
+# Guards RoutedLinear.router_input_hooks, counted up and down by threads' passes.
+_ROUTER_HOOKS_LOCK = threading.Lock()
 
 
 def _thread_id() -> int:
@@ -710,13 +712,20 @@ class MASS(nn.Module):
                     raise _EarlyExit
             return capture
 
-        hooks = [self.routed[name].register_forward_pre_hook(hook_for(name))
-                 for name in self.router_layers]
+        layers = [self.routed[name] for name in self.router_layers]
+        hooks = [layer.register_forward_pre_hook(hook_for(name))
+                 for name, layer in zip(self.router_layers, layers)]
+        with _ROUTER_HOOKS_LOCK:
+            for layer in layers:
+                layer.router_input_hooks += 1
         try:
             yield captured
         finally:
             for hook in hooks:
                 hook.remove()
+            with _ROUTER_HOOKS_LOCK:
+                for layer in layers:
+                    layer.router_input_hooks -= 1
 
     def _unflattened(self, x: torch.Tensor) -> torch.Tensor:
         """x, or as (B, L, d) when it is a (B, L) batch's tokens flattened

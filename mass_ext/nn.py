@@ -206,6 +206,11 @@ class RoutedLinear(nn.Module):
         # What a call outside any MASS pass does: "self" (route each row), or "refuse"
         # (raise; set by a two-pass MASS, whose decisions come from its pass 1).
         self.idle_mode = "self"
+        # How many MASS passes (threads) record this layer's input with a forward pre-hook
+        # now. The forward reads it: torch.compile does not guard on hooks, and would
+        # otherwise run a router layer's enclosing block (a BertLayer) as compiled for a
+        # block whose layer had no hook, skipping the hook.
+        self.router_input_hooks = 0
         self.last_routing = None                  # (indices, weights) of the last self-routed call
         # Merged-weight cache (MASS.cache_merged_weights): up to merged_cache_size task sets'
         # W + sum_j w_j U_tj diag(S_tj) V_tj, least recently used first, for the factors
@@ -250,6 +255,8 @@ class RoutedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router_input_hooks:  # a guard for torch.compile (see __init__)
+            pass
         mode = "self" if self.state is None else self.state.mode or self.idle_mode
         if mode == "refuse":
             raise RuntimeError(

@@ -544,6 +544,27 @@ def test_hf_bert_converts_and_runs(tiny_bert, mode):
         assert mm.routing.indices.shape == (4, 1)
 
 
+@pytest.mark.parametrize("mode", ["two_pass", "per_layer"])
+def test_compiled_hf_bert_routes_on_a_layer_past_the_first_block(tiny_bert, mode):
+    """torch.compile(mm) with the router layer in the second BertLayer: compiled code of
+    the first block (whose layer has no router hook) must not serve the second (dynamo
+    does not guard on hooks), or pass 1 never sees the router input."""
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", mode=mode, progress=False).eval()
+    ids = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    with torch.no_grad():
+        eager = mm(input_ids=ids, attention_mask=mask).last_hidden_state
+        indices = mm.routing.indices.clone()
+        compiled = torch.compile(mm, backend="eager")
+        for _ in range(2):
+            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+            assert torch.equal(mm.routing.indices, indices)
+    assert all(not layer.router_input_hooks for layer in mm.routed.values())
+
+
 
 def test_cli_build_and_info(tmp_path):
     """mass-ext build (factory base + safetensors checkpoints) then mass-ext info."""
