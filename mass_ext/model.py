@@ -195,7 +195,24 @@ def _check_keys(name: str, state: Mapping, base_state: dict) -> None:
     extra = sorted(set(state) - set(base_state))
     if missing or extra:
         raise ValueError(f"{_checkpoint_label(name, state)} does not match the base model: "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+                         f"{_some_keys('missing', missing)}, {_some_keys('unexpected', extra)}"
+                         f"{_prefix_hint(missing, extra)}")
+
+
+def _prefix_hint(missing: Sequence[str], extra: Sequence[str]) -> str:
+    """A hint when the unexpected keys are most of the missing ones under a prefix (a task
+    model's state dict, e.g. 'bert.' around a BertModel base)."""
+    if not missing:
+        return ""
+    extra_set = set(extra)
+    first = missing[0]
+    for key in extra:
+        prefix = key[: len(key) - len(first)]
+        if key.endswith("." + first) and \
+                sum(prefix + k in extra_set for k in missing) * 2 >= len(missing):
+            return (f" (its keys carry the prefix {prefix!r}: pass the base model's part of "
+                    "the fine-tuned model, or its state dict without the prefix)")
+    return ""
 
 
 def _check_tensor(name: str, state: Mapping, key: str, tensor, base_value: torch.Tensor) -> None:
@@ -413,6 +430,9 @@ class MASS(nn.Module):
         """
         from tqdm.auto import tqdm
 
+        if not isinstance(finetuned, Mapping):
+            raise TypeError(f"finetuned must map task names to checkpoints (a dict), got "
+                            f"{type(finetuned).__name__}")
         if not finetuned:
             raise ValueError("finetuned must hold at least one task, got none")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -840,6 +860,8 @@ class MASS(nn.Module):
         tensors, aliases = _unshared(self.model.state_dict())
         metadata = {**self.metadata(), "aliases": aliases}
         folder, name = os.path.split(path)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"path's folder {folder} does not exist")
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
         # Created like any new file, 0o666 less the umask (safetensors writes 0o600).
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -860,9 +882,12 @@ class MASS(nn.Module):
         architecture; its weights are not used and it is left untouched), in eval mode (a
         skeleton made from a config, e.g. AutoModel.from_config, is in training mode). A
         bundle that is unreadable, incomplete or made for another architecture raises
-        ValueError."""
+        ValueError. `pooling`, when given, replaces the bundle's ("cls", "mean", "tokens"
+        or a callable); a bundle saved with a callable pooling needs it."""
         from safetensors import safe_open
 
+        if pooling is not None and not callable(pooling) and pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
         path = os.fspath(path)
         try:
             with safe_open(path, framework="pt") as f:
@@ -909,18 +934,25 @@ class MASS(nn.Module):
         except RuntimeError as error:  # shape mismatches
             raise ValueError(f"{path} does not match the base skeleton: {error}") from error
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"{path} does not match the base skeleton: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+            raise ValueError(f"{path} does not match the base skeleton: "
+                             f"{_some_keys('missing', result.missing_keys)}, "
+                             f"{_some_keys('unexpected', result.unexpected_keys)}")
         _keep_output_layer_untied(model)
         router = dict(meta["router"])
-        if router.get("pooling") == "callable":
-            if pooling is None:
-                raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
+        if pooling is not None:
             router["pooling"] = pooling
+        elif router.get("pooling") == "callable":
+            raise ValueError(f"{path} was saved with a callable pooling: pass pooling=")
         try:
             return cls(model, meta["task_names"], **router).eval()
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path} holds invalid settings: {error}") from error
+
+
+def _some_keys(what: str, keys: Sequence[str], shown: int = 5) -> str:
+    """'missing 2 keys [...]' with at most `shown` of them named."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{what} {len(keys)} key{'s' * (len(keys) != 1)} {list(keys[:shown])}{more}"
 
 
 def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict:

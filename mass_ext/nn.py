@@ -56,6 +56,8 @@ def task_factors(linear: nn.Module, deltas_or_weights, *, rank: Optional[int] = 
     if not is_linear(linear):
         raise TypeError(f"linear must be an nn.Linear or transformers' Conv1D, got "
                         f"{type(linear).__name__}")
+    if len(deltas_or_weights) == 0:
+        raise ValueError("deltas_or_weights must hold at least one task's weight, got none")
     stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(linear.weight.device)
     if stacked.shape[1:] != linear.weight.shape:
         raise ValueError(
@@ -288,8 +290,10 @@ class RoutedLinear(nn.Module):
             B = indices.shape[0]
             if x.dim() < 2 or x.shape[0] != B:
                 raise ValueError(
-                    f"a routed layer's input must have the batch first (B, ..., in_features) "
-                    f"with B = {B} samples routed, got shape {tuple(x.shape)} (two-pass MASS "
+                    f"the routing applied holds B = {B} samples, and a routed layer's input "
+                    f"must have that batch first (B, ..., in_features), got shape "
+                    f"{tuple(x.shape)}: run(routing, ...) and applying(routing) need one "
+                    f"routing row per sample of the batch given (two-pass MASS "
                     "applies one decision per sample: a layer that sees the tokens "
                     "sequence-first, a subset of them (a mixture-of-experts expert) or no "
                     "batch (position embeddings) cannot be routed per sample, unlike one that "

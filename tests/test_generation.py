@@ -304,7 +304,7 @@ def test_cli_builds_from_task_checkpoints_with_tied_keys_and_names_missing_ones(
         mass_ext.cli.main(["build", "--base", str(tmp_path / "bert"), "--router-layer",
                            "encoder.layer.0.output.dense", "--task", f"a={tmp_path / 'mlm'}",
                            "-o", str(tmp_path / "bert.safetensors")])
-    assert "missing ['pooler.dense.bias', 'pooler.dense.weight']" in capsys.readouterr().err
+    assert "missing 2 keys ['pooler.dense.bias', 'pooler.dense.weight']" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- encoder-decoder models

@@ -123,9 +123,9 @@ def test_a_layer_that_sees_the_tokens_flattened_routes_each_row_by_its_sample():
 
 def test_a_layer_that_does_not_see_the_batch_first_is_a_clear_error_in_two_pass():
     mm = _flattening_mass(keep=5)            # 5 of the 6 tokens: not one row per sample
-    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 3.*\(5, 6\)"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"B = 3 samples.*batch first.*\(5, 6\)"):
         mm(torch.randn(3, 2, 6))
-    with torch.no_grad(), pytest.raises(ValueError, match=r"batch first.*B = 2.*\(4, 6\)"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"B = 2 samples.*batch first.*\(4, 6\)"):
         mm.run(Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), None),
                torch.randn(4, 6))
     mm.mode = "per_layer"  # every layer routes its own rows: no per-sample decision
@@ -418,3 +418,43 @@ def test_linear_layers_left_out_of_target_are_averaged_with_that_reason(experts)
     with pytest.warns(UserWarning, match=r"2\.weight \(not in target\)"):
         mm = MASS.from_finetuned(base, finetuned, router_layer="0", target=["0"], progress=False)
     assert list(mm.routed) == ["0"]
+
+
+def test_finetuned_must_be_a_mapping_and_from_linear_needs_a_task(experts):
+    base, finetuned, _ = experts
+    with pytest.raises(TypeError, match=r"finetuned must map task names to checkpoints "
+                                        r"\(a dict\), got list"):
+        MASS.from_finetuned(base, list(finetuned.values()), router_layer="0", progress=False)
+    with pytest.raises(ValueError, match=r"deltas_or_weights must hold at least one task"):
+        RoutedLinear.from_linear(nn.Linear(4, 3), [])
+
+
+def test_a_prefixed_checkpoint_is_named_with_its_prefix_and_counts(experts):
+    """A task model's state dict around the base (keys under 'body.'): the error counts the
+    keys and names the prefix."""
+    base, finetuned, _ = experts
+    state = {f"body.{k}": v for k, v in finetuned["task1"].state_dict().items()}
+    count = len(state)
+    with pytest.raises(ValueError, match=rf"missing {count} keys \[.*\].*unexpected {count} keys "
+                                         rf".*carry the prefix 'body.'"):
+        MASS.from_finetuned(base, dict(finetuned, task1=state), router_layer="0", progress=False)
+
+
+def test_save_into_a_missing_folder_names_the_folder(experts, tmp_path):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    with pytest.raises(FileNotFoundError, match=rf"folder {tmp_path / 'nowhere'} does not exist"):
+        mm.save(tmp_path / "nowhere" / "bundle.safetensors")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_load_takes_the_pooling_given(saved, tmp_path):
+    """pooling= replaces the bundle's setting (a string one too), as it does for a
+    callable."""
+    base, tensors, meta = saved
+    assert meta["router"]["pooling"] == "cls"
+    path = tmp_path / "good.safetensors"
+    assert MASS.load(path, base).pooling == "cls"
+    assert MASS.load(path, base, pooling="mean").pooling == "mean"
+    with pytest.raises(ValueError, match=r"pooling must be one of .* got 'max'"):
+        MASS.load(path, base, pooling="max")
