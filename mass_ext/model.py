@@ -314,6 +314,12 @@ class MASS(nn.Module):
         if not callable(pooling) and pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
         self.model = model
+        self.train(model.training)  # the wrapper's mode is the model's
+        if pooling == "cls" and _generates_left_to_right(model):
+            warnings.warn(
+                "pooling='cls' routes each sample on its first token, which in a decoder-only "
+                "model has seen no other token: prompts that start alike (a BOS token) all "
+                "route alike. Use pooling='mean' or 'tokens'", stacklevel=2)
         self.task_names = list(task_names)
         if len(set(self.task_names)) != len(self.task_names):
             raise ValueError(f"task_names must be distinct, got {self.task_names}")
@@ -947,6 +953,17 @@ class MASS(nn.Module):
             return cls(model, meta["task_names"], **router).eval()
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path} holds invalid settings: {error}") from error
+
+
+def _generates_left_to_right(model: nn.Module) -> bool:
+    """A decoder-only generative model (transformers' causal LMs)."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    try:
+        return (callable(can_generate) and bool(can_generate())
+                and not getattr(config, "is_encoder_decoder", False))
+    except Exception:  # noqa: BLE001 - a model's own can_generate may fail; then say nothing
+        return False
 
 
 def _some_keys(what: str, keys: Sequence[str], shown: int = 5) -> str:

@@ -178,7 +178,9 @@ def test_left_padded_prompts_route_and_generate_as_alone(gpt2_experts):
             expected = experts[routing.indices[i, 0]].generate(
                 padded[i:i + 1], attention_mask=mask[i:i + 1], **settings)
             assert torch.equal(out[i], expected[0])
-        cls = MASS(mm.model, mm.task_names, router_layer=mm.router_layer, pooling="cls")
+        with pytest.warns(UserWarning, match="pooling='cls' routes each sample on its first "
+                                             "token, which in a decoder-only model"):
+            cls = MASS(mm.model, mm.task_names, router_layer=mm.router_layer, pooling="cls")
         with pytest.raises(ValueError, match="pooling='cls' pools the first token"):
             cls.generate(padded, attention_mask=mask, **settings)
 

@@ -458,3 +458,11 @@ def test_load_takes_the_pooling_given(saved, tmp_path):
     assert MASS.load(path, base, pooling="mean").pooling == "mean"
     with pytest.raises(ValueError, match=r"pooling must be one of .* got 'max'"):
         MASS.load(path, base, pooling="max")
+
+
+def test_the_wrapper_takes_the_models_mode(experts):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(copy.deepcopy(base).eval(), finetuned, router_layer="0",
+                             progress=False)
+    assert not mm.training and not mm.model.training
+    assert MASS(mm.model.train(), mm.task_names, router_layer="0").training
