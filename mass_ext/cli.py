@@ -5,7 +5,8 @@
     mass-ext info bundle.safetensors
 
 MODEL is a Hugging Face model folder (config.json + weights, loaded offline with
-transformers.AutoModel) or `package.module:function`, a factory returning the nn.Module.
+transformers.AutoModel, or the class --base-class names, e.g. AutoModelForCausalLM to keep
+a language model's head) or `package.module:function`, a factory returning the nn.Module.
 CHECKPOINT is a .safetensors state dict of the same architecture, a sharded checkpoint's
 model.safetensors.index.json, or a model folder holding either.
 """
@@ -56,14 +57,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def load_base(spec: str) -> torch.nn.Module:
+def load_base(spec: str, base_class: str | None = None) -> torch.nn.Module:
     if os.path.isdir(spec):
         try:
             import transformers
         except ImportError as error:
             raise ValueError(f"--base {spec} is a model folder, which needs transformers: "
                              f"{error}") from error
-        return transformers.AutoModel.from_pretrained(spec, local_files_only=True).eval()
+        loader = getattr(transformers, base_class or "AutoModel", None)
+        if not callable(getattr(loader, "from_pretrained", None)):
+            raise ValueError(f"--base-class must name a transformers model class with "
+                             f"from_pretrained (AutoModel, AutoModelForCausalLM, ...), got "
+                             f"{base_class!r}")
+        return loader.from_pretrained(spec, local_files_only=True).eval()
+    if base_class is not None:
+        raise ValueError(f"--base-class applies to a model folder, not to the factory {spec!r}")
     module_name, sep, function = spec.partition(":")
     if not (sep and module_name and function):
         raise ValueError(f"--base must be a model folder or package.module:function, got {spec!r}")
@@ -195,7 +203,7 @@ def build(args) -> None:
         inputs += [entry.path for entry in os.scandir(args.base) if entry.is_file()]
     check_output(args.output, inputs)
 
-    base = load_base(args.base)
+    base = load_base(args.base, args.base_class)
     keys = set(base.state_dict())
     # Read tensor by tensor during the build: T checkpoints are never all in memory.
     finetuned = {name: _strip_prefix(_SafetensorsCheckpoint(path, f"--task {name}"), keys)
@@ -267,20 +275,33 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="base + fine-tuned checkpoints -> one bundle")
     b.add_argument("--base", required=True, help="model folder or package.module:function")
-    b.add_argument("--task", action="append", required=True, metavar="NAME=CHECKPOINT")
+    b.add_argument("--base-class", default=None, metavar="CLASS",
+                   help="transformers class that loads a --base folder (default AutoModel; "
+                        "AutoModelForCausalLM keeps a language model's head)")
+    b.add_argument("--task", action="append", required=True, metavar="NAME=CHECKPOINT",
+                   help="a fine-tuned checkpoint: .safetensors, shard index or model "
+                        "folder; repeat it for every task")
     b.add_argument("--router-layer", required=True, action="append",
                    help="name of the Linear whose input routes; repeat it to route on "
                         "several layers together")
-    b.add_argument("--rank", type=_positive_int, default=None)
-    b.add_argument("--pooling", default="cls", choices=POOLINGS)
-    b.add_argument("--top-k", type=_positive_int, default=1)
-    b.add_argument("--temperature", type=_positive_float, default=1.0)
-    b.add_argument("--threshold", type=_finite_float, default=0.0)
-    b.add_argument("--weighting", default="uniform", choices=["uniform", "softmax", "renormalized"])
-    b.add_argument("--mode", default="two_pass", choices=list(MODES))
-    b.add_argument("--first-pass", default="pretrained", choices=list(FIRST_PASSES))
-    b.add_argument("--decorrelate", action="store_true")
-    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--rank", type=_positive_int, default=None,
+                   help="per-task rank (default min(d_out, d_in) // T per layer)")
+    b.add_argument("--pooling", default="cls", choices=POOLINGS,
+                   help="how the router input is pooled per sample (default cls)")
+    b.add_argument("--top-k", type=_positive_int, default=1, help="tasks per sample")
+    b.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="softmax temperature over the routing logits")
+    b.add_argument("--threshold", type=_finite_float, default=0.0,
+                   help="a selected task other than the best is dropped at p <= threshold")
+    b.add_argument("--weighting", default="uniform", choices=["uniform", "softmax", "renormalized"],
+                   help="weights of the selected tasks")
+    b.add_argument("--mode", default="two_pass", choices=list(MODES),
+                   help="two_pass (route each sample once) or per_layer")
+    b.add_argument("--first-pass", default="pretrained", choices=list(FIRST_PASSES),
+                   help="the weights pass 1 runs to route")
+    b.add_argument("--decorrelate", action="store_true",
+                   help="TSV-style decorrelation of the stacked factors")
+    b.add_argument("-o", "--output", required=True, help="the bundle to write (.safetensors)")
     i = sub.add_parser("info", help="tasks, ranks, sizes and router settings of a bundle")
     i.add_argument("bundle")
     args = parser.parse_args(argv)

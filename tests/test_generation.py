@@ -309,6 +309,40 @@ def test_cli_builds_from_task_checkpoints_with_tied_keys_and_names_missing_ones(
     assert "missing 2 keys ['pooler.dense.bias', 'pooler.dense.weight']" in capsys.readouterr().err
 
 
+def test_cli_builds_a_causal_lm_from_folders_with_its_head(llama_experts, tmp_path, capsys):
+    """--base-class AutoModelForCausalLM loads the base folder with its LM head (AutoModel
+    would drop it and the layer names' "model." prefix): the bundle loads onto a causal-LM
+    skeleton and generates as the experts do; an unknown class is a clear error."""
+    import mass_ext.cli
+
+    mm, experts = llama_experts
+    base = transformers.LlamaForCausalLM(experts[0].config).eval()
+    base.load_state_dict({k: v for k, v in mm.model.state_dict().items() if k in base.state_dict()},
+                         strict=False)
+    for name, module in mm.routed.items():   # the base's own weights, not MASS's
+        base.get_submodule(name).weight.data.copy_(module.weight)
+    base.save_pretrained(tmp_path / "base")
+    args = ["build", "--base", str(tmp_path / "base"), "--base-class", "AutoModelForCausalLM",
+            "--pooling", "mean", "--router-layer", "model.layers.1.mlp.down_proj",
+            "-o", str(tmp_path / "lm.safetensors")]
+    for t, expert in enumerate(experts):
+        expert.save_pretrained(tmp_path / f"task{t}")
+        args += ["--task", f"task{t}={tmp_path / f'task{t}'}"]
+    mass_ext.cli.main(args)
+    loaded = MASS.load(tmp_path / "lm.safetensors",
+                       transformers.AutoModelForCausalLM.from_config(experts[0].config))
+    prompts = _prompts(seed=21)
+    with torch.no_grad():
+        out = loaded.generate(prompts, max_new_tokens=3, do_sample=False)
+        for i, t in enumerate(loaded.routing.indices[:, 0].tolist()):
+            expected = experts[t].generate(prompts[i:i + 1], max_new_tokens=3, do_sample=False)
+            assert torch.equal(out[i], expected[0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mass_ext.cli.main(["AutoNothing" if a == "AutoModelForCausalLM" else a for a in args])
+    assert "--base-class must name a transformers model class" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- encoder-decoder models
 
 def _bart(router_layer, pooling):
