@@ -728,11 +728,12 @@ class MASS(nn.Module):
         owner = _thread_id()
 
         def hook_for(name):
-            def capture(_module, inputs):
+            def capture(module, inputs):
                 # A layer called again in the same pass (a shared ALBERT layer, DeBERTa's
                 # projections of its position embeddings) keeps its first input.
                 if _thread_id() != owner or name in captured:
                     return
+                module.check_input_dtype(inputs[0])
                 captured[name] = self._unflattened(inputs[0])
                 if early_exit and len(captured) == len(self.router_layers):
                     raise _EarlyExit

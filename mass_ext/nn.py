@@ -91,6 +91,21 @@ def decorrelate_factors(U: torch.Tensor, V: torch.Tensor):
     return U_stacked.reshape(d_out, T, r).permute(1, 0, 2), V_stacked.reshape(T, r, d_in)
 
 
+def _tasks_without_orthonormal_rows(V: torch.Tensor) -> list:
+    """Tasks t whose V[t] (r, d_in) moves probe vectors q off V[t] V[t]^T q = q by more
+    than 5%: far above any dtype's rounding (a bfloat16 V, or one rounded through it),
+    far below what a wrong V does (scaled by S, transposed). O(T r d_in), not the Gram
+    matrix's O(T r^2 d_in)."""
+    T, r, _ = V.shape
+    if V.numel() == 0:
+        return []
+    probes = torch.randn(T, r, 2, generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64).to(V.device)
+    V64 = V.detach().to(torch.float64)
+    moved = (V64 @ (V64.transpose(1, 2) @ probes) - probes).flatten(1).norm(dim=1)
+    return (moved > 0.05 * probes.flatten(1).norm(dim=1)).nonzero().flatten().tolist()
+
+
 def _tasks_with_non_finite(factor: torch.Tensor) -> list:
     return (~torch.isfinite(factor)).flatten(1).any(1).nonzero().flatten().tolist()
 
@@ -196,6 +211,12 @@ class RoutedLinear(nn.Module):
             if not bool(torch.isfinite(factor).all()):
                 raise ValueError(f"{name} must be finite: it holds NaN or inf in task(s) "
                                  f"{_tasks_with_non_finite(factor)}")
+        bad = _tasks_without_orthonormal_rows(V)
+        if bad:
+            raise ValueError(
+                f"V must have orthonormal rows in every task (V[t] V[t]^T = I: routing's "
+                f"residuals assume it), but task(s) {bad} do not (a V scaled by S, or V^T "
+                "for V?)")
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         # (T, r, d_out) storage; .U is its transposed view (T, d_out, r).
@@ -256,9 +277,16 @@ class RoutedLinear(nn.Module):
                                      indices=none, weights=torch.zeros(none.shape))
         return F.linear(x, self.weight, self.bias)
 
+    def check_input_dtype(self, x: torch.Tensor) -> None:
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"this RoutedLinear's weights are {self.weight.dtype}, its input "
+                            f"{x.dtype}: cast the input or the model (as nn.Linear, it does "
+                            "not mix dtypes)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router_input_hooks:  # a guard for torch.compile (see __init__)
             pass
+        self.check_input_dtype(x)
         mode = "self" if self.state is None else self.state.mode or self.idle_mode
         if mode == "refuse":
             raise RuntimeError(

@@ -354,13 +354,13 @@ def test_compiled_model_keeps_the_op(experts):
 
 
 def test_cache_leaves_bad_input_to_the_op(experts):
-    """An input of another dtype than the model's raises the op's error, cache or not
+    """An input of another dtype than the model's raises the layer's error, cache or not
     (its float32 merged weights would otherwise accept a bfloat16 input)."""
     mm, routing, x = _cached_case(experts, seed=33)
     for max_sets in (3, 0):
         mm.cache_merged_weights(max_sets)
         with torch.no_grad(), pytest.raises(TypeError,
-                match=r"^V must have the dtype of x \(bfloat16\), got float32"):
+                match=r"weights are torch.float32, its input torch.bfloat16: cast"):
             mm.run(routing, x.bfloat16())
 
 

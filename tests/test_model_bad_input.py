@@ -268,6 +268,14 @@ def test_routed_linear_checks_its_options_and_factors_when_built():
     bad[1, 2, 0] = math.inf
     with pytest.raises(ValueError, match=r"U must be finite: it holds NaN or inf in task\(s\) \[1\]"):
         RoutedLinear(W, None, bad, S, V)
+    # V scaled by S (task 0), or a V whose columns, not rows, are orthonormal (task 1).
+    skewed = V.clone()
+    skewed[0] *= S[0][:, None]
+    skewed[1] = torch.linalg.qr(torch.randn(6, 3, generator=g)).Q.T * torch.tensor([[1.0], [1.0], [0.5]])
+    with pytest.raises(ValueError, match=r"V must have orthonormal rows in every task .* "
+                                         r"task\(s\) \[0, 1\] do not"):
+        RoutedLinear(W, None, U, S, skewed)
+    RoutedLinear(W, None, U, S, V.to(torch.bfloat16).float())   # rounding passes
 
 
 def test_stack_router_bases_of_nothing_is_a_clear_error():
@@ -321,8 +329,11 @@ def _corrupt(tensors, meta, tweak):
     (lambda t, m: t.update({"0.S": t["0.S"].double()}),
      r"routed layer '0' is invalid: S must have the dtype of x \(float32\), got float64"),
     (lambda t, m: t.update({"0.U_t": t["0.U_t"][0].clone()}), r"routed layer '0' is invalid"),
+    (lambda t, m: t.update({"2.V": t["2.V"] * torch.tensor([1.0, 3.0, 1.0])[:, None, None]}),
+     r"routed layer '2' is invalid: V must have orthonormal rows .* task\(s\) \[1\]"),
 ], ids=["no bias", "no U", "fewer tasks in one layer", "fewer task names", "repeated task names",
-        "no routed_layers", "unknown setting", "bad top_k", "float64 factor", "2-D U"])
+        "no routed_layers", "unknown setting", "bad top_k", "float64 factor", "2-D U",
+        "V not orthonormal"])
 def test_incomplete_or_inconsistent_bundles_are_refused(saved, tmp_path, tweak, message):
     base, tensors, meta = saved
     path = _write_bundle(tmp_path / "bad.safetensors", *_corrupt(tensors, meta, tweak))
@@ -466,3 +477,17 @@ def test_the_wrapper_takes_the_models_mode(experts):
                              progress=False)
     assert not mm.training and not mm.model.training
     assert MASS(mm.model.train(), mm.task_names, router_layer="0").training
+
+
+def test_an_input_of_another_dtype_than_the_model_is_named(experts):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    half = MASS.from_finetuned(copy.deepcopy(base).to(torch.bfloat16), finetuned, router_layer="0",
+                               progress=False)
+    x = torch.randn(3, D_IN)
+    for mode in ("two_pass", "per_layer"):
+        half.mode = mode
+        with torch.no_grad(), pytest.raises(TypeError, match=r"weights are torch.bfloat16, its "
+                                                             r"input torch.float32: cast"):
+            half(x)
+    assert mm(x).dtype == torch.float32
