@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -305,11 +306,19 @@ def main(argv=None) -> None:
     i = sub.add_parser("info", help="tasks, ranks, sizes and router settings of a bundle")
     i.add_argument("bundle")
     args = parser.parse_args(argv)
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # A warning (a rank clamped, layers averaged) as the command's own line, not as the
+        # library source line that raised it.
+        print(f"{parser.prog}: warning: {message}", file=sys.stderr if file is None else file)
+
     try:
-        if args.command == "build":
-            build(args)
-        else:
-            print(describe(args.bundle))
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            if args.command == "build":
+                build(args)
+            else:
+                print(describe(args.bundle))
     except (ValueError, TypeError, KeyError, OSError) as error:
         # Bad input (the model code raises ValueError/TypeError with full sentences): one
         # line, as argparse does. Other exceptions are bugs and keep their traceback.

@@ -269,3 +269,15 @@ def test_info_on_a_path_that_is_no_safetensors_file(case, tmp_path, capsys):
     if case == "garbage":
         path.write_bytes(b"\x00" * 3)
     assert_error(capsys, ["info", path], str(path))
+
+
+def test_a_clamped_rank_warns_in_one_line_of_the_command(tasks, tmp_path, capsys):
+    """Warnings from the build (a rank above a layer's clamped) print as mass-ext's own
+    line, not as the library source line that raised them."""
+    _, task_args = tasks
+    code, _, err = run_cli(capsys, *build_args(task_args, tmp_path / "b.safetensors",
+                                               "--rank", "100000"))
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "rank" in line]
+    assert warning and warning[0].startswith("mass-ext: warning: "), err
+    assert "model.py" not in err and "MASS.from_finetuned(" not in err
