@@ -216,6 +216,25 @@ def test_onednn_calls_take_few_row_counts(monkeypatch):
         sorted(row_counts)
 
 
+def _onednn_calls_on_one_and_two_threads(call):
+    """(the two outputs of call() on 1 and 2 threads, each run's oneDNN calls' input
+    shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    threads = torch.get_num_threads()
+    outputs, calls = [], []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                outputs.append(call())
+            calls.append([event.input_shapes for event in prof.events()
+                          if event.name == "mkldnn::_linear_pointwise"])
+    finally:
+        torch.set_num_threads(threads)
+    return outputs, calls
+
+
 @pytest.mark.skipif(_onednn_linear() is None, reason="torch built without mkldnn")
 def test_tiles_grow_once_they_outnumber_the_cpus(monkeypatch):
     """The dense GEMM's tiles come from the shape and the machine's logical CPU count
@@ -223,26 +242,15 @@ def test_tiles_grow_once_they_outnumber_the_cpus(monkeypatch):
     setting: a split that would leave more tiles than CPUs must leave larger ones. 200 x
     384 x 384 (2^24.8 multiply-adds) is two 192-column oneDNN calls on up to 2 CPUs, four
     of 96 columns on more; the same for 1 and 2 threads, and every row as x W^T + b."""
-    from torch.profiler import ProfilerActivity, profile
-
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     x, params = _zero_update_layer(200, 384, 384, seed=56)
     indices, weights = torch.full((200, 1), -1), torch.zeros(200, 1)
     expected_cols = [192] * 2 if (os.cpu_count() or 1) <= 2 else [96] * 4
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                outputs.append(mass_ext.routed_linear(x, *params, indices=indices,
-                                                      weights=weights))
-            calls = [event.input_shapes for event in prof.events()
-                     if event.name == "mkldnn::_linear_pointwise"]
-            assert sorted(shapes[1][0] for shapes in calls) == expected_cols
-            assert all(shapes[0][0] == 208 for shapes in calls)  # 200 rows, padded
-    finally:
-        torch.set_num_threads(threads)
+    outputs, runs = _onednn_calls_on_one_and_two_threads(
+        lambda: mass_ext.routed_linear(x, *params, indices=indices, weights=weights))
+    for calls in runs:
+        assert sorted(shapes[1][0] for shapes in calls) == expected_cols
+        assert all(shapes[0][0] == 208 for shapes in calls)  # 200 rows, padded
     assert torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.addmm(params[1], x, params[0].t()),
                                rtol=1e-5, atol=1e-5)
@@ -255,28 +263,20 @@ def test_group_tiles_divide_evenly_among_the_cpus():
     rows (a mixed batch of 64 x 64 tokens) of 384 x 384 are 16 tiles of 208 rows and 4 of
     192 on up to 2 CPUs (19 before: 3 of 256 for the 768 rows); the same bits on 1 and 2
     threads, every row times its group's weight."""
-    from torch.profiler import ProfilerActivity, profile
-
     g = generator(57)
     x = torch.randn(4096, 384, generator=g)
     weights = [torch.randn(384, 384, generator=g) / 20 for _ in range(5)]
     bias = torch.randn(384, generator=g)
     groups = (torch.arange(64) % 5).repeat_interleave(64)   # sample i -> group i % 5
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                outputs.append(mass_ext.ops.grouped_linear(x, weights, bias, groups))
-            rows = sorted(event.input_shapes[0][0] for event in prof.events()
-                          if event.name == "mkldnn::_linear_pointwise")
-            if (os.cpu_count() or 1) <= 2:
-                assert rows == [192] * 4 + [208] * 16
-            else:
-                assert len(rows) % os.cpu_count() == 0 or len(rows) < 2 * os.cpu_count()
-    finally:
-        torch.set_num_threads(threads)
+    outputs, runs = _onednn_calls_on_one_and_two_threads(
+        lambda: mass_ext.ops.grouped_linear(x, weights, bias, groups))
+    cpus = os.cpu_count() or 1
+    for calls in runs:
+        rows = sorted(shapes[0][0] for shapes in calls)
+        if cpus <= 2:
+            assert rows == [192] * 4 + [208] * 16
+        else:
+            assert len(rows) % cpus == 0 or len(rows) < 2 * cpus
     assert torch.equal(outputs[0], outputs[1])
     expected = torch.stack([x[n] @ weights[int(groups[n])].t() for n in range(0, 4096, 97)])
     torch.testing.assert_close(outputs[0][::97], expected + bias, rtol=1e-5, atol=1e-5)
