@@ -237,8 +237,10 @@ def describe(path: str) -> str:
             raise ValueError(f"{path} is not a mass_ext bundle (no 'mass_ext' metadata)")
         meta = _bundle_metadata(path, raw)  # what MASS.load checks, with its messages
         factor_bytes = base_bytes = 0
+        shapes = {}
         for key in f.keys():
             tensor_slice = f.get_slice(key)
+            shapes[key] = list(tensor_slice.get_shape())
             nbytes = _BYTES.get(tensor_slice.get_dtype(), 8)
             for size in tensor_slice.get_shape():
                 nbytes *= size
@@ -249,6 +251,7 @@ def describe(path: str) -> str:
     # The metadata is a file's content, not ours: a missing key or a wrong type is bad input.
     try:
         ranks = {v["rank"] for v in meta["routed_layers"].values()}
+        _check_layers_against_tensors(path, meta, shapes)
         router = meta["router"]
         lines = [
             f"bundle      {path} (format version {meta['format_version']})",
@@ -265,6 +268,21 @@ def describe(path: str) -> str:
         f" + task factors {factor_bytes / 2**20:.1f} MiB "
         f"({(base_bytes + factor_bytes) / max(base_bytes, 1):.2f}x the base model)")
     return "\n".join(lines)
+
+
+def _check_layers_against_tensors(path: str, meta: dict, shapes: dict) -> None:
+    """Each routed layer's rank and task count in the metadata are its U_t's (T, r, d_out),
+    as MASS.load would find: `info` does not print what load refuses."""
+    T = len(meta["task_names"])
+    for name, layer in meta["routed_layers"].items():
+        rank = layer["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{path}: bad mass_ext metadata (layer {name!r} has rank "
+                             f"{rank!r}, not a positive int)")
+        shape = shapes.get(f"{name}.U_t")
+        if shape is None or len(shape) != 3 or shape[:2] != [T, rank]:
+            raise ValueError(f"{path}: layer {name!r}'s U_t has shape {shape}, the metadata "
+                             f"says {T} task(s) of rank {rank}")
 
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,

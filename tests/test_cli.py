@@ -281,3 +281,26 @@ def test_a_clamped_rank_warns_in_one_line_of_the_command(tasks, tmp_path, capsys
     warning = [line for line in err.splitlines() if "rank" in line]
     assert warning and warning[0].startswith("mass-ext: warning: "), err
     assert "model.py" not in err and "MASS.from_finetuned(" not in err
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["routed_layers"]["0"].update(rank="a"), "layer '0' has rank 'a', not a positive int"),
+    (lambda m: m.update(task_names=m["task_names"][:1]), "the metadata says 1 task(s) of rank"),
+    (lambda m: m["routed_layers"]["0"].update(rank=1), "task(s) of rank 1"),
+])
+def test_info_refuses_metadata_that_disagrees_with_the_tensors(edit, expected, tasks, tmp_path,
+                                                              capsys):
+    """A bundle whose metadata was edited (a rank that is no int, fewer task names, another
+    rank) is refused by info, as MASS.load refuses it, not described."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, task_args = tasks
+    bundle = tmp_path / "b.safetensors"
+    assert run_cli(capsys, *build_args(task_args, bundle))[0] == 0
+    with safe_open(bundle, framework="pt") as f:
+        meta = json.loads(f.metadata()["mass_ext"])
+    edit(meta)
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(bundle), edited, metadata={"mass_ext": json.dumps(meta)})
+    assert_error(capsys, ["info", edited], str(edited), expected)
