@@ -174,17 +174,16 @@ class _BaseKeys(Mapping):
 
 
 def _strip_prefix(state: Mapping, keys: set) -> Mapping:
-    """HF checkpoints of a task model (e.g. BertForSequenceClassification) prefix the
-    encoder's keys ("bert.") and add heads: keep the base model's keys, under the prefix
-    (none, or a first name component) that holds the most of them. Keys still missing
-    are for the build to fill (tied ones) or to report (no tensor is read here)."""
-    names = set(state)
-    prefixes = ["", *sorted({k.split(".", 1)[0] + "." for k in names if "." in k})]
-    found = {p: {k for k in keys if p + k in names} for p in prefixes}
-    prefix = max(prefixes, key=lambda p: len(found[p]))  # ties: the earliest, "" first
-    if prefix == "" and names <= keys:
+    """A task model's checkpoint adds heads and may prefix the base model's keys: keep
+    the base model's keys, under the prefix that holds the most of them (key_prefix).
+    Keys still missing are for the build to fill (tied ones) or to report (no tensor is
+    read here)."""
+    from .model import key_prefix
+
+    prefix, found = key_prefix(state, keys)
+    if prefix == "" and set(state) <= keys:
         return state
-    return _BaseKeys(state, prefix, found[prefix])
+    return _BaseKeys(state, prefix, found)
 
 
 def build(args) -> None:
@@ -242,7 +241,7 @@ def describe(path: str) -> str:
             tensor_slice = f.get_slice(key)
             shapes[key] = list(tensor_slice.get_shape())
             nbytes = _BYTES.get(tensor_slice.get_dtype(), 8)
-            for size in tensor_slice.get_shape():
+            for size in shapes[key]:
                 nbytes *= size
             if key.rsplit(".", 1)[-1] in ("U_t", "S", "V"):
                 factor_bytes += nbytes

@@ -199,20 +199,24 @@ def _check_keys(name: str, state: Mapping, base_state: dict) -> None:
                          f"{_prefix_hint(missing, extra)}")
 
 
+def key_prefix(names, keys) -> tuple:
+    """(prefix, found): the prefix (none, or a first name component and ".") under which
+    `names` hold the most of `keys`, and those keys. HF checkpoints of a task model (e.g.
+    BertForSequenceClassification) hold the encoder's keys under "bert."."""
+    names = set(names)
+    prefixes = ["", *sorted({k.split(".", 1)[0] + "." for k in names if "." in k})]
+    found = {p: {k for k in keys if p + k in names} for p in prefixes}
+    prefix = max(prefixes, key=lambda p: len(found[p]))  # ties: the earliest, "" first
+    return prefix, found[prefix]
+
+
 def _prefix_hint(missing: Sequence[str], extra: Sequence[str]) -> str:
-    """A hint when the unexpected keys are most of the missing ones under a prefix (a task
-    model's state dict, e.g. 'bert.' around a BertModel base)."""
-    if not missing:
+    """A hint when the unexpected keys hold most of the missing ones under a prefix."""
+    prefix, found = key_prefix(extra, missing)
+    if not prefix or 2 * len(found) < len(missing):
         return ""
-    extra_set = set(extra)
-    first = missing[0]
-    for key in extra:
-        prefix = key[: len(key) - len(first)]
-        if key.endswith("." + first) and \
-                sum(prefix + k in extra_set for k in missing) * 2 >= len(missing):
-            return (f" (its keys carry the prefix {prefix!r}: pass the base model's part of "
-                    "the fine-tuned model, or its state dict without the prefix)")
-    return ""
+    return (f" (its keys carry the prefix {prefix!r}: pass the base model's part of the "
+            "fine-tuned model, or its state dict without the prefix)")
 
 
 def _check_tensor(name: str, state: Mapping, key: str, tensor, base_value: torch.Tensor) -> None:
@@ -311,8 +315,7 @@ class MASS(nn.Module):
         self.mode = mode
         if first_pass not in FIRST_PASSES:
             raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
-        if not callable(pooling) and pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
+        _check_pooling(pooling)
         self.model = model
         self.train(model.training)  # the wrapper's mode is the model's
         if pooling == "cls" and _generates_left_to_right(model):
@@ -893,8 +896,8 @@ class MASS(nn.Module):
         or a callable); a bundle saved with a callable pooling needs it."""
         from safetensors import safe_open
 
-        if pooling is not None and not callable(pooling) and pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
+        if pooling is not None:
+            _check_pooling(pooling)
         path = os.fspath(path)
         try:
             with safe_open(path, framework="pt") as f:
@@ -954,6 +957,11 @@ class MASS(nn.Module):
             return cls(model, meta["task_names"], **router).eval()
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path} holds invalid settings: {error}") from error
+
+
+def _check_pooling(pooling) -> None:
+    if not callable(pooling) and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {pooling!r}")
 
 
 def _generates_left_to_right(model: nn.Module) -> bool:

@@ -343,13 +343,13 @@ class RoutedLinear(nn.Module):
     def _cached_merged_weights(self, x, indices, weights):
         """(merged weights, group of each routing row) from the cache, filling it, or None
         where the cache does not apply: it is off, x is not on the CPU with the C++ kernel,
-        the call is being compiled (the bookkeeping is Python: the graph keeps the op), x's
-        dtype is not the layer's, autograd needs the op's backward, a weight is not
-        finite, or the routing holds more task sets than the cache keeps (merging them all
-        anew every call would cost more than the op, which merges only large groups)."""
+        the call is being compiled (the bookkeeping is Python: the graph keeps the op),
+        autograd needs the op's backward, a weight is not finite, or the routing holds more
+        task sets than the cache keeps (merging them all anew every call would cost more
+        than the op, which merges only large groups). x has the layer's dtype (forward
+        checked it)."""
         if (self.merged_cache_size <= 0 or ops.backend(x.device) != "cpp"
-                or torch.compiler.is_compiling()
-                or x.dtype != self.weight.dtype):  # the op names the mismatch
+                or torch.compiler.is_compiling()):
             return None
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
