@@ -178,9 +178,10 @@ std::vector<TileItem> tile_items(const std::vector<RowGroup>& groups, int64_t K,
   // of a mixed batch of 4096 rows (4 x 832 and 768) made 19 tiles of 192-256 rows, 10 for
   // one thread and 9 for the other. While there are at least two tiles per CPU, the group
   // with the most rows per tile takes one more tile until they divide evenly (never below
-  // kMinTileRows or kMinTileMacs a tile). On 2 CPUs (interleaved A/B, 2026-12-01) the
-  // grouped GEMM of that batch went from 1.14-1.21x one oneDNN call to 1.09-1.14x, and a
-  // routed layer of bench_model.py's top-1 batch from 1.38-1.49x to 1.33-1.42x.
+  // kMinTileRows or kMinTileMacs a tile). On 2 CPUs (interleaved A/B, 2026-12-01, its
+  // three layer shapes) the grouped GEMM of that batch went from 1.11-1.21x one oneDNN
+  // call to 1.07-1.14x, and a routed layer of bench_model.py's top-1 batch from
+  // 1.37-1.49x to 1.30-1.42x.
   const int64_t cpus = machine_cpus();
   if (count_all * ceil_div(N, tile.cols) >= 2 * cpus) {
     while (count_all % cpus != 0) {
