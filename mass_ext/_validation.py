@@ -7,6 +7,7 @@ They use torch._check_* so that symbolic shapes under torch.compile become guard
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -54,6 +55,55 @@ def _check_shape(t: torch.Tensor, name: str, symbolic: str, expected) -> None:
     )
 
 
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+# What the ops' schema accepts for its number arguments, checked before the dispatcher
+# sees them (its own error is a RuntimeError quoting the whole schema). A bool top_k is
+# refused too (True would silently mean 1).
+def _is_int(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    return (isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
+            and not isinstance(value, bool))
+
+
+_OPTIONAL_TENSORS = ("bias", "indices", "weights")
+
+
+def check_argument_types(**arguments) -> None:
+    """The Python types of the public ops' arguments (named as in mass_ext.routed_linear
+    and mass_ext.route): tensors, the optional ones (bias, indices, weights) or None,
+    top_k an int, temperature and threshold numbers, weighting a str."""
+    for name, value in arguments.items():
+        if name in ("top_k", "temperature", "threshold", "weighting"):
+            check_option_types(**{name: value})
+        elif not isinstance(value, torch.Tensor) and not (value is None and name in _OPTIONAL_TENSORS):
+            expected = "a torch.Tensor or None" if name in _OPTIONAL_TENSORS else "a torch.Tensor"
+            raise TypeError(f"{name} must be {expected}, got {_type_name(value)}")
+
+
+def check_option_types(**options) -> None:
+    """top_k an int (not a bool), temperature and threshold numbers, weighting a str."""
+    for name, value in options.items():
+        if name == "top_k":
+            ok, expected = _is_int(value), "an int"
+        elif name == "weighting":
+            ok, expected = isinstance(value, str), "a str"
+        else:
+            ok, expected = _is_number(value), "a number (float)"
+        if not ok:
+            raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
+
+
 def check_route_inputs(x: torch.Tensor, V: torch.Tensor):
     """Returns (T, r, d_in)."""
     _check_float_dtype(x, "x")
@@ -96,6 +146,8 @@ def check_layer_inputs(x, weight, bias, U, S, V):
 
 
 def check_routing_options(top_k, T, temperature, threshold, weighting) -> None:
+    check_option_types(top_k=top_k, temperature=temperature, threshold=threshold,
+                       weighting=weighting)
     torch._check_value(
         1 <= top_k <= T, lambda: f"top_k must be in 1..T = 1..{T}, got {top_k}"
     )

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import ops, reference
 from ._validation import check_routing_options
-from .nn import RoutedLinear, _RouteState, default_rank, is_linear, linear_weight, task_factors
+from .nn import (RoutedLinear, _RouteState, check_rank, default_rank, is_linear, linear_weight,
+                 task_factors)
 from .routing import Routing
 
 FORMAT_VERSION = 2        # 2: tensors shared under several names stored once ("aliases")
@@ -444,8 +445,7 @@ class MASS(nn.Module):
                             f"{type(finetuned).__name__}")
         if not finetuned:
             raise ValueError("finetuned must hold at least one task, got none")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive int or None (default), got {rank!r}")
+        check_rank(rank)
         if isinstance(target, str):
             raise TypeError(f"target must be a list of layer names, got the string {target!r}")
         names, T = list(finetuned), len(finetuned)

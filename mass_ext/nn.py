@@ -47,6 +47,12 @@ def low_rank_factors(deltas: torch.Tensor, rank: int):
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
+def check_rank(rank) -> None:
+    """A per-task rank option: a positive int, or None for the default."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int or None (default), got {rank!r}")
+
+
 def task_factors(linear: nn.Module, deltas_or_weights, *, rank: Optional[int] = None,
                  are_deltas: bool = False, decorrelate: bool = False):
     """(U, S, V) of a routed layer, in the layer's dtype, from a base nn.Linear (or
@@ -58,6 +64,7 @@ def task_factors(linear: nn.Module, deltas_or_weights, *, rank: Optional[int] = 
                         f"{type(linear).__name__}")
     if len(deltas_or_weights) == 0:
         raise ValueError("deltas_or_weights must hold at least one task's weight, got none")
+    check_rank(rank)
     stacked = torch.stack([torch.as_tensor(t) for t in deltas_or_weights]).to(linear.weight.device)
     if stacked.shape[1:] != linear.weight.shape:
         raise ValueError(

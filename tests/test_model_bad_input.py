@@ -234,6 +234,39 @@ def test_bad_build_options_fail_before_the_factorisation(experts, options, messa
         MASS.from_finetuned(base, finetuned, **options)
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(top_k="2"), r"top_k must be an int, got str '2'"),
+    (dict(top_k=True), r"top_k must be an int, got bool True"),
+    (dict(temperature="1"), r"temperature must be a number \(float\), got str '1'"),
+    (dict(threshold=None), r"threshold must be a number \(float\), got NoneType None"),
+    (dict(weighting=3), r"weighting must be a str, got int 3"),
+])
+def test_routing_options_of_the_wrong_type_are_named(experts, options, message):
+    """At the build, in the drop-in layer, and set on a layer afterwards (the op's
+    dispatcher would otherwise raise its generic RuntimeError quoting the schema)."""
+    base, finetuned, _ = experts
+    with pytest.raises(TypeError, match=message):
+        MASS.from_finetuned(base, finetuned, router_layer="0", progress=False, **options)
+    linear = base[0]
+    weights = [model[0].weight for model in finetuned.values()]
+    with pytest.raises(TypeError, match=message):
+        RoutedLinear.from_linear(linear, weights, **options)
+    layer = RoutedLinear.from_linear(linear, weights)
+    for name, value in options.items():
+        setattr(layer, name, value)
+    with pytest.raises(TypeError, match=message):
+        layer(torch.randn(3, linear.in_features))
+
+
+def test_from_linear_checks_the_rank_as_the_build_does(experts):
+    base, finetuned, _ = experts
+    weights = [model[0].weight for model in finetuned.values()]
+    for rank in ("2", 2.0, True, 0):
+        with pytest.raises(ValueError, match=r"rank must be a positive int or None \(default\), "
+                                             f"got {rank!r}"):
+            RoutedLinear.from_linear(base[0], weights, rank=rank)
+
+
 def test_target_as_a_string_is_refused(experts):
     base, finetuned, _ = experts
     with pytest.raises(TypeError, match=r"target must be a list of layer names, got the string '0'"):
