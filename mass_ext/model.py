@@ -929,6 +929,7 @@ class MASS(nn.Module):
                 raise ValueError(f"{path} has a bias for layer {name!r}, which the base "
                                  "skeleton's layer has not")
             t = {k: tensors.get(f"{name}.{k}") for k in ("weight", "bias", "U_t", "S", "V")}
+            _check_factor_ranks(path, name, meta["routed_layers"][name], t)
             try:
                 layer = RoutedLinear(t["weight"], t["bias"], t["U_t"].transpose(1, 2), t["S"],
                                      t["V"])
@@ -1074,6 +1075,21 @@ def _bundle_metadata(path: str, raw: str) -> dict:
     if unknown:
         raise ValueError(f"{path} has unknown router settings {unknown}")
     return meta
+
+
+def _check_factor_ranks(path: str, name: str, layer_meta, factors: dict) -> None:
+    """Each factor's rank (dim 1 of U_t (T, r, d_out), S (T, r), V (T, r, d_in)) is the
+    rank the metadata records for the layer: the factor cut or swapped is named (the
+    layer's own check would take V's rank as r and blame U)."""
+    rank = layer_meta.get("rank") if isinstance(layer_meta, dict) else None
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return
+    wrong = [f"{name}.{k} has shape {tuple(factors[k].shape)}" for k in ("U_t", "S", "V")
+             if factors[k].dim() < 2 or factors[k].shape[1] != rank]
+    if wrong:
+        raise ValueError(f"{path}: routed layer {name!r} is invalid: the bundle records rank "
+                         f"{rank} (dim 1 of U_t (T, r, d_out), S (T, r) and V (T, r, d_in)), "
+                         f"but {' and '.join(wrong)}")
 
 
 def stack_router_bases(bases: Sequence[torch.Tensor]) -> torch.Tensor:

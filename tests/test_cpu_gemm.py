@@ -197,8 +197,6 @@ def test_onednn_calls_take_few_row_counts(monkeypatch):
     count) - 3)), whatever the groups' sizes, so a few kernels serve every batch; rows
     computed past a group's last are dropped. Three routings of shuffled groups (merged,
     task sets, the large tasks' updates, the rest), each checked against the reference."""
-    from torch.profiler import ProfilerActivity, profile
-
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     layer = make_layer(5, 32, 70, 1030, seed=50)
     row_counts = set()
@@ -206,30 +204,41 @@ def test_onednn_calls_take_few_row_counts(monkeypatch):
         x = make_x((rows, 70), seed=seed)
         route = _task_set_routing if rows > 1000 else _grouped_routing
         indices, weights = route(rows, 5, generator(seed))
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            out = mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights)
+        out, calls = _onednn_calls(
+            lambda: mass_ext.routed_linear(x, *layer.params, indices=indices, weights=weights))
         assert_output_matches(out, x, layer, indices, weights)
-        row_counts |= {event.input_shapes[0][0] for event in prof.events()
-                       if event.name == "mkldnn::_linear_pointwise"}
+        row_counts |= {shapes[0][0] for shapes in calls}
     assert len(row_counts) > 5
     assert all(n <= 16 or n % (1 << (n.bit_length() - 4)) == 0 for n in row_counts), \
         sorted(row_counts)
 
 
+def _onednn_calls(call):
+    """(call(), the input shapes of the oneDNN calls it made), from torch's profiler."""
+    import inspect
+
+    from torch.profiler import ProfilerActivity, profile
+
+    # Events kept from the one cycle there is (torch 2.11 warns that they are not).
+    keep = ({"acc_events": True} if "acc_events" in inspect.signature(profile).parameters
+            else {})
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, **keep) as prof:
+        out = call()
+    return out, [event.input_shapes for event in prof.events()
+                 if event.name == "mkldnn::_linear_pointwise"]
+
+
 def _onednn_calls_on_one_and_two_threads(call):
     """(the two outputs of call() on 1 and 2 threads, each run's oneDNN calls' input
     shapes)."""
-    from torch.profiler import ProfilerActivity, profile
-
     threads = torch.get_num_threads()
     outputs, calls = [], []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                outputs.append(call())
-            calls.append([event.input_shapes for event in prof.events()
-                          if event.name == "mkldnn::_linear_pointwise"])
+            out, shapes = _onednn_calls(call)
+            outputs.append(out)
+            calls.append(shapes)
     finally:
         torch.set_num_threads(threads)
     return outputs, calls

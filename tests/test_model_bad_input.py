@@ -364,9 +364,11 @@ def _corrupt(tensors, meta, tweak):
     (lambda t, m: t.update({"0.U_t": t["0.U_t"][0].clone()}), r"routed layer '0' is invalid"),
     (lambda t, m: t.update({"2.V": t["2.V"] * torch.tensor([1.0, 3.0, 1.0])[:, None, None]}),
      r"routed layer '2' is invalid: V must have orthonormal rows .* task\(s\) \[1\]"),
+    (lambda t, m: t.update({"2.V": t["2.V"][:, :1].clone()}),
+     r"routed layer '2' is invalid: the bundle records rank 2 .*but 2.V has shape \(3, 1, 32\)"),
 ], ids=["no bias", "no U", "fewer tasks in one layer", "fewer task names", "repeated task names",
         "no routed_layers", "unknown setting", "bad top_k", "float64 factor", "2-D U",
-        "V not orthonormal"])
+        "V not orthonormal", "V of a smaller rank"])
 def test_incomplete_or_inconsistent_bundles_are_refused(saved, tmp_path, tweak, message):
     base, tensors, meta = saved
     path = _write_bundle(tmp_path / "bad.safetensors", *_corrupt(tensors, meta, tweak))
