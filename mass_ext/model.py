@@ -314,8 +314,7 @@ class MASS(nn.Module):
                  first_pass: str = "pretrained", first_pass_scale: float = 1.0):
         super().__init__()
         self.mode = mode
-        if first_pass not in FIRST_PASSES:
-            raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
+        _check_first_pass(first_pass, first_pass_scale)
         _check_pooling(pooling)
         self.model = model
         self.train(model.training)  # the wrapper's mode is the model's
@@ -350,10 +349,6 @@ class MASS(nn.Module):
                 "encoder's tokens, so the router layers must be in the encoder "
                 "(model.get_encoder()); a pooling callable (router input, forward kwargs) "
                 "may route on any layer")
-        if isinstance(first_pass_scale, bool) or not isinstance(first_pass_scale, (int, float)) \
-                or not math.isfinite(first_pass_scale) or first_pass_scale <= 0:
-            raise ValueError(f"first_pass_scale must be a finite number > 0, got "
-                             f"{first_pass_scale!r}")
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
         self.top_k, self.temperature, self.threshold, self.weighting = (
             top_k, temperature, threshold, weighting)
@@ -393,11 +388,19 @@ class MASS(nn.Module):
         if "_state" in self.__dict__:
             self._bind_layers()
 
+    def _check_settings(self) -> None:
+        """The router settings held as plain attributes (they may be set after the build):
+        checked on every pass and before a save, so a typo is an error, not another
+        setting."""
+        _check_pooling(self.pooling)
+        _check_first_pass(self.first_pass, self.first_pass_scale)
+
     @contextlib.contextmanager
     def _pass(self, mode: Optional[str], routing: Optional[Routing] = None,
               repeat_samples: bool = False):
         """This thread's routed layers run in `mode` ("self", "base", "prerouted" with
         `routing`) within the block; the previous instruction is restored after it."""
+        self._check_settings()
         self._bind_layers()
         state = self._state
         before = (state.mode, state.indices, state.weights, state.repeat_samples, state.repeated,
@@ -543,13 +546,19 @@ class MASS(nn.Module):
             named = self._call_arguments(args, kwargs)
             self.routing = self.decide(self._pooled(captured, named), named)
             return out
-        return self.run(self.route(*args, **kwargs), *args, **kwargs)
+        return self._run(self.route(*args, **kwargs), args, kwargs)
 
     def run(self, routing: Routing, *args, **kwargs):
         """Pass 2 only: every routed layer applies `routing` (indices/weights (B, k), one
         row per sample, e.g. from `route`, or known task ids with weight 1) to all rows of
         its sample, in one batched pass whatever mix of tasks the batch holds."""
-        with self.applying(routing):
+        _check_per_sample_routing(routing, len(self.task_names))
+        return self._run(routing, args, kwargs)
+
+    def _run(self, routing: Routing, args, kwargs):
+        """run() of a checked routing (forward's own, from route: no second look at its
+        values, which would wait for a GPU)."""
+        with self._pass("prerouted", routing):
             self._state.tokens = _token_shape(self._call_arguments(args, kwargs))
             return self.model(*args, **kwargs)
 
@@ -559,7 +568,7 @@ class MASS(nn.Module):
         method of it such as `generate`, a pipeline). Each layer must see the batch first;
         with repeat_samples, a batch of m * B rows holds each sample m times in a row (as
         `generate` expands prompts for beams or several sequences)."""
-        _check_per_sample_routing(routing)
+        _check_per_sample_routing(routing, len(self.task_names))
         return self._pass("prerouted", routing, repeat_samples)
 
     def cache_merged_weights(self, max_sets: int) -> None:
@@ -786,8 +795,12 @@ class MASS(nn.Module):
             return "base", None
         if self.first_pass == "per_layer":
             return "self", None  # every routed layer routes its own rows
-        # TSV-M: every task's block, scaled, for every sample (batch size from the input).
-        first = next(iter(args), None)
+        # TSV-M: every task's block, scaled, for every sample (batch size from the input:
+        # the tokens where named, as _token_shape reads them, else the first tensor).
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
+                      if isinstance(kwargs.get(k), torch.Tensor)), None)
+        if first is None:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is None:
             first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         T, B = len(self.task_names), first.shape[0]
@@ -842,9 +855,11 @@ class MASS(nn.Module):
 
     # ------------------------------------------------------------------ storage
     def metadata(self) -> dict:
+        self._check_settings()
         return {
             "format": "mass_ext", "format_version": FORMAT_VERSION,
             "task_names": self.task_names,
+            "architecture": _architecture(self.model),
             "routed_layers": {n: {"rank": m.rank, "in_features": m.in_features,
                                   "out_features": m.out_features}
                               for n, m in self.routed.items()},
@@ -918,8 +933,12 @@ class MASS(nn.Module):
         linears = set(_linear_names(model))
         for name in meta["routed_layers"]:
             if name not in linears:
+                prefix, found = key_prefix(linears, meta["routed_layers"])
+                hint = (f" (the skeleton holds the bundle's layers under {prefix!r}: load "
+                        f"onto its {prefix[:-1]!r} part, e.g. skeleton.{prefix[:-1]})"
+                        if prefix and 2 * len(found) >= len(meta["routed_layers"]) else "")
                 raise ValueError(f"{path} routes layer {name!r}, which the base skeleton has "
-                                 f"not as a {_LINEAR_LAYERS}")
+                                 f"not as a {_LINEAR_LAYERS}{hint}")
             linear = model.get_submodule(name)
             needed = ["weight", "U_t", "S", "V"] + (["bias"] if linear.bias is not None else [])
             missing = [f"{name}.{k}" for k in needed if f"{name}.{k}" not in tensors]
@@ -940,6 +959,8 @@ class MASS(nn.Module):
                                  f"{tuple(layer.weight.shape)}, the base skeleton "
                                  f"{tuple(linear_weight(linear).shape)}")
             _set_submodule(model, name, layer)
+        _check_architecture(path, meta.get("architecture"), base_skeleton)
+        _take_bundle_dtypes(model, tensors)
         try:
             result = model.load_state_dict(tensors, strict=False)
         except RuntimeError as error:  # shape mismatches
@@ -948,6 +969,12 @@ class MASS(nn.Module):
             raise ValueError(f"{path} does not match the base skeleton: "
                              f"{_some_keys('missing', result.missing_keys)}, "
                              f"{_some_keys('unexpected', result.unexpected_keys)}")
+        on_meta = [n for n, t in _named_tensors(model) if t.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"{_some_keys('the base skeleton has', on_meta)} on the meta device that "
+                f"{path} does not hold (buffers a model computes, not saves): build the "
+                "skeleton on the CPU, e.g. AutoModel.from_config(config)")
         _keep_output_layer_untied(model)
         router = dict(meta["router"])
         if pooling is not None:
@@ -958,6 +985,92 @@ class MASS(nn.Module):
             return cls(model, meta["task_names"], **router).eval()
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path} holds invalid settings: {error}") from error
+
+
+# Config fields (transformers' names) that change what a model computes without changing a
+# tensor's shape; a bundle records those its model's config has, and load compares them.
+_ARCHITECTURE_FIELDS = (
+    "model_type", "hidden_act", "hidden_activation", "activation_function",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "hidden_size",
+    "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
+    "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "position_embedding_type",
+    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "max_position_embeddings", "sliding_window", "attention_bias", "mlp_bias",
+    "scale_attn_weights", "is_decoder", "is_encoder_decoder")
+
+
+def _architecture(model: nn.Module) -> dict:
+    """What `load` checks a skeleton against: the model's class name and the
+    _ARCHITECTURE_FIELDS of its config (transformers models), as JSON values."""
+    config = getattr(model, "config", None)
+    values = config.to_dict() if callable(getattr(config, "to_dict", None)) else {}
+    fields = {}
+    for key in _ARCHITECTURE_FIELDS:
+        if key in values:
+            try:
+                fields[key] = json.loads(json.dumps(values[key]))
+            except (TypeError, ValueError):  # not JSON: not compared
+                pass
+    return {"class": type(model).__name__, "config": fields}
+
+
+def _check_architecture(path: str, stored, skeleton: nn.Module) -> None:
+    """The skeleton is of the class and config the bundle was saved from (bundles before
+    the record have none): same key names and shapes do not make the same model (a
+    RoBERTa skeleton takes a BERT bundle's tensors, another activation or head count
+    computes something else)."""
+    if not isinstance(stored, dict):
+        return
+    actual = _architecture(skeleton)
+    differences = []
+    if stored.get("class") != actual["class"]:
+        differences.append(f"class {stored.get('class')} / {actual['class']}")
+    for key, value in (stored.get("config") or {}).items():
+        if key in actual["config"] and actual["config"][key] != value:
+            differences.append(f"config.{key} {value!r} / {actual['config'][key]!r}")
+    if differences:
+        raise ValueError(f"{path} was saved from another architecture than the base "
+                         f"skeleton's (bundle / skeleton): {'; '.join(differences)}")
+
+
+def _named_tensors(model: nn.Module):
+    """(name, tensor) of every parameter and buffer, shared ones under each name."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _take_bundle_dtypes(model: nn.Module, tensors: dict) -> None:
+    """Every parameter or buffer of `model` that the bundle holds in another dtype, or
+    that is on the meta device, is replaced (in place, once for a tensor shared under
+    several names) by an empty one of the bundle's dtype on the CPU, which load_state_dict
+    then fills: the loaded model is the saved one, not the bundle cast to the skeleton's
+    dtype around routed layers that keep the bundle's."""
+    replaced = {}
+    for name, old in list(_named_tensors(model)):
+        saved = tensors.get(name)
+        if saved is None or (old.dtype == saved.dtype and not old.is_meta):
+            continue
+        new = replaced.get(id(old))
+        if new is None:
+            data = torch.empty(old.shape, dtype=saved.dtype,
+                               device="cpu" if old.is_meta else old.device)
+            new = (nn.Parameter(data, requires_grad=old.requires_grad)
+                   if isinstance(old, nn.Parameter) else data)
+            replaced[id(old)] = new
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if isinstance(new, nn.Parameter):
+            module._parameters[leaf] = new
+        else:
+            module._buffers[leaf] = new
+
+
+def _check_first_pass(first_pass, scale) -> None:
+    if first_pass not in FIRST_PASSES:
+        raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"first_pass_scale must be a finite number > 0, got {scale!r}")
 
 
 def _check_pooling(pooling) -> None:
@@ -1207,11 +1320,18 @@ def _router_layer_list(router_layer: RouterLayers, model: nn.Module) -> list:
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"router_layer must be a layer name or a non-empty list of names, "
                          f"got {router_layer!r}")
-    return [_canonical_name(model, n) for n in names]
+    canonical = [_canonical_name(model, n) for n in names]
+    repeated = sorted({n for n in canonical if canonical.count(n) > 1})
+    if repeated:
+        raise ValueError(f"router_layer must name each layer once, got {names!r}, which "
+                         f"names {repeated} more than once (a module registered under two "
+                         "names is one layer)")
+    return canonical
 
 
-def _check_per_sample_routing(routing: Routing) -> None:
-    """A Routing of int64 indices (B, k), one row per sample, and weights of their shape."""
+def _check_per_sample_routing(routing: Routing, T: Optional[int] = None) -> None:
+    """A Routing of int64 indices (B, k), one row per sample, and weights of their shape;
+    with T, task ids in [-1, T) (named by sample here: the op would name a token row)."""
     indices, weights = getattr(routing, "indices", None), getattr(routing, "weights", None)
     if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
         raise TypeError(f"routing must be a Routing (indices, weights, residuals), got "
@@ -1220,6 +1340,12 @@ def _check_per_sample_routing(routing: Routing) -> None:
         raise ValueError(f"routing must hold int64 indices (B, k), one row per sample, and "
                          f"weights of their shape; got indices {tuple(indices.shape)} "
                          f"{indices.dtype}, weights {tuple(weights.shape)}")
+    if T is not None:
+        bad = (indices < -1) | (indices >= T)
+        if bool(bad.any()):
+            sample, slot = bad.nonzero()[0].tolist()
+            raise IndexError(f"routing.indices must hold task ids in [-1, T) = [-1, {T}), got "
+                             f"{int(indices[sample, slot])} for sample {sample}, slot {slot}")
 
 
 def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
@@ -1231,6 +1357,10 @@ def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):
     both -1 for a sample that selected no task (every slot -1, e.g. a routing built by
     hand: `route` always keeps the first slot).
     """
+    if isinstance(head_logits, Mapping):
+        raise TypeError("head_logits must be one (B, C_t) tensor per task, in task order "
+                        "(a list), got a mapping: for heads by task name, pass "
+                        "[heads[name] for name in mm.task_names]")
     head_logits = list(head_logits)
     _check_per_sample_routing(routing)
     indices = routing.indices

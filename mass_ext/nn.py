@@ -324,8 +324,14 @@ class RoutedLinear(nn.Module):
             indices, weights = self.state.routing_for(x.shape[0] if x.dim() >= 2 else -1)
             B = indices.shape[0]
             if x.dim() < 2 or x.shape[0] != B:
+                repeated = (x.dim() >= 2 and B > 0 and x.shape[0] % B == 0
+                            and not self.state.repeat_samples)
+                hint = (f"; this input's batch is {x.shape[0] // B} x B: if each sample is "
+                        "repeated in a row (beams, num_return_sequences), use "
+                        "applying(routing, repeat_samples=True), as mm.generate does"
+                        if repeated else "")
                 raise ValueError(
-                    f"the routing applied holds B = {B} samples, and a routed layer's input "
+                    f"the routing applied holds B = {B} samples{hint}, and a routed layer's input "
                     f"must have that batch first (B, ..., in_features), got shape "
                     f"{tuple(x.shape)}: run(routing, ...) and applying(routing) need one "
                     f"routing row per sample of the batch given (two-pass MASS "

@@ -885,3 +885,127 @@ def test_sharded_checkpoints_build_like_one_file_each_tensor_read_once(experts, 
                                          r"model.safetensors \(nor a sharded"):
         MASS.from_finetuned(base, {**finetuned, "task2": tmp_path}, router_layer="0",
                             progress=False)
+
+
+def test_load_refuses_a_skeleton_of_another_architecture(tiny_bert, tmp_path):
+    """Same key names and shapes are not the same model: another activation, head count or
+    model class computes something else from the bundle's tensors."""
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", progress=False).eval()
+    path = tmp_path / "bert.safetensors"
+    mm.save(path)
+    sizes = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
+                 max_position_embeddings=16)
+    others = [
+        (transformers.BertModel(transformers.BertConfig(**sizes, num_attention_heads=2,
+                                                        hidden_act="relu")),
+         r"config.hidden_act 'gelu' / 'relu'"),
+        (transformers.BertModel(transformers.BertConfig(**sizes, num_attention_heads=4)),
+         r"config.num_attention_heads 2 / 4"),
+        (transformers.RobertaModel(transformers.RobertaConfig(**sizes, num_attention_heads=2)),
+         r"class BertModel / RobertaModel; config.model_type 'bert' / 'roberta'"),
+    ]
+    for skeleton, message in others:
+        with pytest.raises(ValueError, match=r"saved from another architecture than the base "
+                                             r"skeleton's \(bundle / skeleton\): .*" + message):
+            MASS.load(path, skeleton)
+    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(4))
+    loaded = MASS.load(path, transformers.BertModel(base.config))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state,
+                           mm(input_ids=ids).last_hidden_state)
+
+
+def test_load_restores_the_bundles_dtypes_and_fills_a_meta_skeleton(experts, tiny_bert,
+                                                                     tmp_path):
+    """A bfloat16 bundle loaded onto a float32 skeleton is the bfloat16 model (not float32
+    layers around bfloat16 routed ones); a skeleton on the meta device is filled from the
+    bundle, or refused, naming the buffers the bundle does not hold."""
+    base, finetuned, subspaces = experts
+    half = MASS.from_finetuned(copy.deepcopy(base).to(torch.bfloat16),
+                               {n: copy.deepcopy(m).to(torch.bfloat16) for n, m in finetuned.items()},
+                               router_layer="0", progress=False)
+    path = tmp_path / "half.safetensors"
+    half.save(path)
+    x, _ = task_inputs(subspaces, 3)
+    with torch.no_grad():
+        want = half(x.to(torch.bfloat16))
+        loaded = MASS.load(path, copy.deepcopy(base))
+        assert {p.dtype for p in loaded.model.state_dict().values()} == {torch.bfloat16}
+        assert torch.equal(loaded(x.to(torch.bfloat16)), want)
+        with torch.device("meta"):
+            skeleton = copy.deepcopy(base).to("meta")
+        from_meta = MASS.load(path, skeleton)
+        assert not any(t.is_meta for t in from_meta.model.state_dict().values())
+        assert torch.equal(from_meta(x.to(torch.bfloat16)), want)
+    bert, bert_tasks = tiny_bert
+    mm = MASS.from_finetuned(bert, bert_tasks, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", progress=False)
+    mm.save(tmp_path / "bert.safetensors")
+    with torch.device("meta"):
+        skeleton = transformers.BertModel(bert.config)
+    with pytest.raises(ValueError, match=r"the base skeleton has 2 keys "
+                                         r"\['embeddings.position_ids', .*\] on the meta device"):
+        MASS.load(tmp_path / "bert.safetensors", skeleton)
+
+
+def test_router_settings_set_after_the_build_are_checked(experts, tmp_path):
+    """pooling, first_pass and first_pass_scale are plain attributes: a typo set after the
+    build is an error at the next call and at save, not another setting."""
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", pooling="mean", progress=False)
+    x, _ = task_inputs(subspaces, 2)
+    for name, value, message in (("pooling", "CLS", r"pooling must be one of .* got 'CLS'"),
+                                 ("first_pass", "TSVM", r"first_pass must be one of .* got 'TSVM'"),
+                                 ("first_pass_scale", -1.0,
+                                  r"first_pass_scale must be a finite number > 0, got -1.0")):
+        good = getattr(mm, name)
+        setattr(mm, name, value)
+        with pytest.raises(ValueError, match=message):
+            mm(x)
+        with pytest.raises(ValueError, match=message):
+            mm.save(tmp_path / "typo.safetensors")
+        assert not (tmp_path / "typo.safetensors").exists()
+        setattr(mm, name, good)
+    mm(x)
+
+
+def test_tsvm_first_pass_takes_the_batch_from_the_tokens(tiny_bert):
+    """The TSV-M pass applies every task to every sample: its batch size is the tokens'
+    (input_ids), whichever tensor argument comes first."""
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", first_pass="tsvm", progress=False).eval()
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(6)[None]
+    with torch.no_grad():
+        first = mm(position_ids=positions, input_ids=ids).last_hidden_state
+        indices = mm.routing.indices.clone()
+        second = mm(input_ids=ids, position_ids=positions).last_hidden_state
+    assert torch.equal(first, second) and torch.equal(indices, mm.routing.indices)
+
+
+def test_a_batch_of_repeated_samples_names_repeat_samples(experts):
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    x, _ = task_inputs(subspaces, 2)
+    routing = mm.route(x)
+    with pytest.raises(ValueError, match=r"holds B = 6 samples; this input's batch is 2 x B: "
+                                         r".*applying\(routing, repeat_samples=True\)"):
+        with mm.applying(routing):
+            mm.model(x.repeat_interleave(2, 0))
+    with mm.applying(routing, repeat_samples=True):
+        mm.model(x.repeat_interleave(2, 0))
+
+
+def test_load_onto_a_task_model_names_the_part_that_fits(tiny_bert, tmp_path):
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", progress=False)
+    mm.save(tmp_path / "bert.safetensors")
+    task_model = transformers.BertForSequenceClassification(base.config)
+    with pytest.raises(ValueError, match=r"holds the bundle's layers under 'bert.': load onto "
+                                         r"its 'bert' part, e.g. skeleton.bert"):
+        MASS.load(tmp_path / "bert.safetensors", task_model)
+    MASS.load(tmp_path / "bert.safetensors", task_model.bert)

@@ -431,6 +431,32 @@ def test_run_and_applying_check_the_routing(experts):
         mm.run(Routing(torch.zeros(2, dtype=torch.long), torch.ones(2), None), x)
     with pytest.raises(ValueError, match=r"weights of their shape.*weights \(2, 2\)"):
         mm.run(Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 2), None), x)
+    # A task id out of range is named by sample (the op would name a row of the layer).
+    for bad in (3, -2):
+        routing = Routing(torch.tensor([[0], [1], [bad]]), torch.ones(3, 1), None)
+        with pytest.raises(IndexError, match=r"routing.indices must hold task ids in \[-1, T\) "
+                                             rf"= \[-1, 3\), got {bad} for sample 2, slot 0"):
+            mm.run(routing, torch.randn(3, D_IN))
+        with pytest.raises(IndexError, match=rf"got {bad} for sample 2"):
+            with mm.applying(routing):
+                pass
+
+
+def test_router_layer_named_twice_is_refused(experts):
+    """Twice the same layer (or a module under both its names) would count its residuals
+    twice and keep pass 1 from stopping early."""
+    base, finetuned, _ = experts
+    with pytest.raises(ValueError, match=r"router_layer must name each layer once, got "
+                                         r"\['0', '0'\], which names \['0'\] more than once"):
+        MASS.from_finetuned(base, finetuned, router_layer=["0", "0"], progress=False)
+
+
+def test_pick_head_refuses_heads_keyed_by_name():
+    routing = Routing(torch.tensor([[0], [1]]), torch.ones(2, 1), None)
+    heads = {"a": torch.randn(2, 3), "b": torch.randn(2, 3)}
+    with pytest.raises(TypeError, match=r"in task order \(a list\), got a mapping: .*"
+                                        r"\[heads\[name\] for name in mm.task_names\]"):
+        mass_ext.pick_head(heads, routing)
 
 
 def test_pick_head_takes_any_iterable_and_refuses_float_indices():
