@@ -213,6 +213,7 @@ def build(args) -> None:
         base, finetuned, rank=args.rank, router_layer=router_layer, pooling=args.pooling,
         top_k=args.top_k, temperature=args.temperature, threshold=args.threshold,
         weighting=args.weighting, mode=args.mode, first_pass=args.first_pass,
+        first_pass_scale=args.first_pass_scale,
         decorrelate=args.decorrelate, progress=True)
     mm.save(args.output)
     print(describe(args.output))
@@ -317,6 +318,8 @@ def main(argv=None) -> None:
                    help="two_pass (route each sample once) or per_layer")
     b.add_argument("--first-pass", default="pretrained", choices=list(FIRST_PASSES),
                    help="the weights pass 1 runs to route")
+    b.add_argument("--first-pass-scale", type=_finite_float, default=1.0,
+                   help="the weight of every task's block in the tsvm first pass")
     b.add_argument("--decorrelate", action="store_true",
                    help="TSV-style decorrelation of the stacked factors")
     b.add_argument("-o", "--output", required=True, help="the bundle to write (.safetensors)")

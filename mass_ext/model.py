@@ -423,7 +423,8 @@ class MASS(nn.Module):
                        temperature: float = 1.0, threshold: float = 0.0,
                        weighting: str = "uniform", mode: str = "two_pass",
                        target: Optional[Sequence[str]] = None, first_pass: str = "pretrained",
-                       decorrelate: bool = False, progress: bool = True) -> "MASS":
+                       first_pass_scale: float = 1.0, decorrelate: bool = False,
+                       progress: bool = True) -> "MASS":
         """Builds MASS from `base` (left untouched) and named fine-tuned checkpoints (an
         nn.Module, a state dict, or a path: a .safetensors file, a sharded checkpoint's
         model.safetensors.index.json or a model folder holding either, read one tensor at a
@@ -440,6 +441,7 @@ class MASS(nn.Module):
         factors recommended) or "per_layer" (every routed layer below the router routes
         each of its rows itself, as in per-layer mode: the router sees features already
         adapted towards each sample's tasks; pass 1 costs routed layers, not base ones).
+        first_pass_scale: the weight of every task's block in the "tsvm" first pass.
         """
         from tqdm.auto import tqdm
 
@@ -475,12 +477,21 @@ class MASS(nn.Module):
         router_layers = _router_layer_list(router_layer, base)
         for name in router_layers:
             if name not in linears:
+                prefix, found = key_prefix([name], linears)
+                hint = (f" (the base model's layer names carry no {prefix!r}: it may be the "
+                        f"inner model of a task model, e.g. AutoModel of a causal LM, whose "
+                        f"layer is {next(iter(found))!r}; the CLI's --base-class "
+                        "AutoModelForCausalLM loads the whole model)" if prefix else "")
                 raise ValueError(f"router_layer {name!r} is not a {_LINEAR_LAYERS} of the "
-                                 f"base model; Linear layers: {linears}")
+                                 f"base model{hint}; Linear layers: {linears}")
             if name not in candidates:
                 raise ValueError(f"router_layer {name!r} cannot be routed (not in target, or "
                                  f"its parent reads the weight directly)")
         check_routing_options(top_k, T, temperature, threshold, weighting)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_pooling(pooling)
+        _check_first_pass(first_pass, first_pass_scale)
 
         # One read of every tensor of every checkpoint: checked, then factorised (routed
         # weights) or averaged where tasks differ (everything else, biases and norms of
@@ -519,6 +530,13 @@ class MASS(nn.Module):
                         f"router_layer {owner!r} is not changed by task(s) {unchanged}: their "
                         "subspaces there are arbitrary, so routing could not tell them apart; "
                         "choose a router layer every task changes")
+                same = [(names[i], names[j]) for i in range(T) for j in range(i + 1, T)
+                        if torch.equal(tensors[i], tensors[j])]
+                if same:
+                    warnings.warn(
+                        f"router_layer {owner!r} has the same weight in tasks {same} (the same "
+                        "checkpoint twice?): their subspaces are the same, so routing always "
+                        "picks the first of each pair", stacklevel=2)
         _warn_averaged_matrices(base, merged, readers)
         if clamped:
             warnings.warn(f"rank clamped to min(d_out, d_in) for: {', '.join(clamped)}",
@@ -536,7 +554,7 @@ class MASS(nn.Module):
         _keep_output_layer_untied(model)
         return cls(model, names, router_layer=router_layer, pooling=pooling, top_k=top_k,
                    temperature=temperature, threshold=threshold, weighting=weighting, mode=mode,
-                   first_pass=first_pass)
+                   first_pass=first_pass, first_pass_scale=first_pass_scale)
 
     # ------------------------------------------------------------------ inference
     def forward(self, *args, **kwargs):

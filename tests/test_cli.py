@@ -82,6 +82,13 @@ def test_build_then_info(tasks, tmp_path, capsys):
     assert "routed      2 Linear layers" in out and "top_k=2" in out
     # Rebuilding over an existing bundle is allowed.
     assert run_cli(capsys, *build_args(task_args, bundle))[0] == 0
+    code, _, err = run_cli(capsys, *build_args(task_args, bundle, "--first-pass", "tsvm",
+                                               "--first-pass-scale", "0.5"))
+    assert code == 0, err
+    from safetensors import safe_open
+    with safe_open(bundle, framework="pt") as f:
+        router = json.loads(f.metadata()["mass_ext"])["router"]
+    assert router["first_pass"] == "tsvm" and router["first_pass_scale"] == 0.5
 
 
 def test_duplicate_task_name_is_an_error(tasks, tmp_path, capsys):

@@ -226,6 +226,13 @@ def test_tied_weights_left_tied_are_saved_once_and_restored(tmp_path):
     (dict(rank=0), r"rank must be a positive int or None \(default\), got 0"),
     (dict(rank=2.5), r"rank must be a positive int or None \(default\), got 2.5"),
     (dict(router_layer=0), r"router_layer must be a layer name or a non-empty list"),
+    (dict(mode="two-pass"), r"mode must be one of \('two_pass', 'per_layer'\), got 'two-pass'"),
+    (dict(pooling="CLS"), r"pooling must be one of .* got 'CLS'"),
+    (dict(first_pass="TSVM"), r"first_pass must be one of .* got 'TSVM'"),
+    (dict(first_pass="tsvm", first_pass_scale=0.0),
+     r"first_pass_scale must be a finite number > 0, got 0.0"),
+    (dict(router_layer="model.0"), r"router_layer 'model.0' is not a Linear layer .* names "
+                                   r"carry no 'model.': .* whose layer is '0'"),
 ])
 def test_bad_build_options_fail_before_the_factorisation(experts, options, message):
     base, finetuned, _ = experts
@@ -410,6 +417,23 @@ def test_save_keeps_permissions_and_follows_symbolic_links(experts, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["fresh.safetensors", "link.safetensors"]
     with pytest.raises(IsADirectoryError, match="path must name a file"):
         mm.save(tmp_path)
+
+
+def test_first_pass_scale_is_a_build_option(experts):
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", first_pass="tsvm",
+                             first_pass_scale=0.5, progress=False)
+    assert mm.first_pass_scale == 0.5 and mm.metadata()["router"]["first_pass_scale"] == 0.5
+
+
+def test_the_same_checkpoint_twice_warns(experts):
+    """Two tasks with the same router-layer weight have the same subspaces: routing always
+    picks the first of them."""
+    base, finetuned, _ = experts
+    twice = dict(finetuned, again=finetuned["task0"])
+    with pytest.warns(UserWarning, match=r"router_layer '0' has the same weight in tasks "
+                                         r"\[\('task0', 'again'\)\] \(the same checkpoint twice\?\)"):
+        MASS.from_finetuned(base, twice, router_layer="0", progress=False)
 
 
 @pytest.mark.parametrize("scale", [math.nan, -1.0, 0.0, "x", None])
