@@ -3,6 +3,8 @@
 They mirror csrc/checks.cpp message for message, so an error reads the same whether the
 C++ kernel, a fake tensor under torch.compile, or the pure-PyTorch fallback raised it.
 They use torch._check_* so that symbolic shapes under torch.compile become guards.
+Python types the ops' schema does not take (check_tensor_types, routing_options) are
+checked here for every path, before the dispatcher sees them.
 """
 from __future__ import annotations
 
@@ -79,14 +81,11 @@ def _is_number(value) -> bool:
 _OPTIONAL_TENSORS = ("bias", "indices", "weights")
 
 
-def check_argument_types(**arguments) -> None:
-    """The Python types of the public ops' arguments (named as in mass_ext.routed_linear
-    and mass_ext.route): tensors, the optional ones (bias, indices, weights) or None,
-    top_k an int, temperature and threshold numbers, weighting a str."""
+def check_tensor_types(**arguments) -> None:
+    """The public ops' tensor arguments (named as in mass_ext.routed_linear and
+    mass_ext.route) are tensors, the optional ones (bias, indices, weights) or None."""
     for name, value in arguments.items():
-        if name in ("top_k", "temperature", "threshold", "weighting"):
-            check_option_types(**{name: value})
-        elif not isinstance(value, torch.Tensor) and not (value is None and name in _OPTIONAL_TENSORS):
+        if not isinstance(value, torch.Tensor) and not (value is None and name in _OPTIONAL_TENSORS):
             expected = "a torch.Tensor or None" if name in _OPTIONAL_TENSORS else "a torch.Tensor"
             raise TypeError(f"{name} must be {expected}, got {_type_name(value)}")
 
@@ -102,6 +101,19 @@ def check_option_types(**options) -> None:
             ok, expected = _is_number(value), "a number (float)"
         if not ok:
             raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
+
+
+def routing_options(top_k, temperature, threshold, weighting) -> tuple:
+    """The routing options, type-checked, as the Python int / floats the ops' schema and
+    the range checks take (a numpy integer, a Fraction or a 0-d tensor converted; a
+    symbolic number under torch.compile kept)."""
+    check_option_types(top_k=top_k, temperature=temperature, threshold=threshold,
+                       weighting=weighting)
+    if not isinstance(top_k, torch.SymInt):
+        top_k = int(top_k)
+    temperature, threshold = (v if isinstance(v, (torch.SymInt, torch.SymFloat)) else float(v)
+                              for v in (temperature, threshold))
+    return top_k, temperature, threshold, weighting
 
 
 def check_route_inputs(x: torch.Tensor, V: torch.Tensor):
@@ -146,8 +158,8 @@ def check_layer_inputs(x, weight, bias, U, S, V):
 
 
 def check_routing_options(top_k, T, temperature, threshold, weighting) -> None:
-    check_option_types(top_k=top_k, temperature=temperature, threshold=threshold,
-                       weighting=weighting)
+    top_k, temperature, threshold, weighting = routing_options(top_k, temperature, threshold,
+                                                               weighting)
     torch._check_value(
         1 <= top_k <= T, lambda: f"top_k must be in 1..T = 1..{T}, got {top_k}"
     )

@@ -8,6 +8,7 @@ import copy
 import inspect
 import json
 import math
+import numbers
 import os
 import stat
 import threading
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from ._validation import check_routing_options
+from ._validation import check_routing_options, routing_options
 from .nn import (RoutedLinear, _RouteState, check_rank, default_rank, is_linear, linear_weight,
                  task_factors)
 from .routing import Routing
@@ -350,7 +351,7 @@ class MASS(nn.Module):
                 "(model.get_encoder()); a pooling callable (router input, forward kwargs) "
                 "may route on any layer")
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
-        self.top_k, self.temperature, self.threshold, self.weighting = (
+        self.top_k, self.temperature, self.threshold, self.weighting = routing_options(
             top_k, temperature, threshold, weighting)
         self._state = _RouteState()
         self._bind_layers()
@@ -391,9 +392,11 @@ class MASS(nn.Module):
     def _check_settings(self) -> None:
         """The router settings held as plain attributes (they may be set after the build):
         checked on every pass and before a save, so a typo is an error, not another
-        setting."""
+        setting, and a saved bundle always loads."""
         _check_pooling(self.pooling)
         _check_first_pass(self.first_pass, self.first_pass_scale)
+        check_routing_options(self.top_k, len(self.task_names), self.temperature,
+                              self.threshold, self.weighting)
 
     @contextlib.contextmanager
     def _pass(self, mode: Optional[str], routing: Optional[Routing] = None,
@@ -478,10 +481,11 @@ class MASS(nn.Module):
         for name in router_layers:
             if name not in linears:
                 prefix, found = key_prefix([name], linears)
-                hint = (f" (the base model's layer names carry no {prefix!r}: it may be the "
-                        f"inner model of a task model, e.g. AutoModel of a causal LM, whose "
-                        f"layer is {next(iter(found))!r}; the CLI's --base-class "
-                        "AutoModelForCausalLM loads the whole model)" if prefix else "")
+                hint = (f" (the base model's layer names carry no {prefix!r}: name it "
+                        f"{next(iter(found))!r}, or, if the base is the inner model of a "
+                        "task model (e.g. AutoModel of a causal LM), build on the whole "
+                        "model: the CLI's --base-class AutoModelForCausalLM loads it)"
+                        if prefix else "")
                 raise ValueError(f"router_layer {name!r} is not a {_LINEAR_LAYERS} of the "
                                  f"base model{hint}; Linear layers: {linears}")
             if name not in candidates:
@@ -492,6 +496,9 @@ class MASS(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_pooling(pooling)
         _check_first_pass(first_pass, first_pass_scale)
+        if first_pass_scale != 1.0 and first_pass != "tsvm":
+            warnings.warn(f"first_pass_scale={first_pass_scale} is used only with "
+                          f"first_pass='tsvm', not {first_pass!r}", stacklevel=2)
 
         # One read of every tensor of every checkpoint: checked, then factorised (routed
         # weights) or averaged where tasks differ (everything else, biases and norms of
@@ -683,7 +690,7 @@ class MASS(nn.Module):
                 first["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():  # as generate itself
             routing = self.route(**first)
-        with self.applying(routing, repeat_samples=True):
+        with self._pass("prerouted", routing, repeat_samples=True):  # route's own routing
             return self.model.generate(**prompts, **kwargs)
 
     def _inferred_attention_mask(self, input_ids: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
@@ -978,7 +985,7 @@ class MASS(nn.Module):
                                  f"{tuple(linear_weight(linear).shape)}")
             _set_submodule(model, name, layer)
         _check_architecture(path, meta.get("architecture"), base_skeleton)
-        _take_bundle_dtypes(model, tensors)
+        _take_bundle_dtypes(path, model, tensors)
         try:
             result = model.load_state_dict(tensors, strict=False)
         except RuntimeError as error:  # shape mismatches
@@ -1005,16 +1012,17 @@ class MASS(nn.Module):
             raise ValueError(f"{path} holds invalid settings: {error}") from error
 
 
-# Config fields (transformers' names) that change what a model computes without changing a
-# tensor's shape; a bundle records those its model's config has, and load compares them.
+# Config fields (transformers' names) that change what a model computes whatever the
+# input, without changing a tensor's shape; a bundle records those its model's config has,
+# and load compares them. Not limits that change nothing below them
+# (max_position_embeddings of a RoPE model, sliding_window).
 _ARCHITECTURE_FIELDS = (
     "model_type", "hidden_act", "hidden_activation", "activation_function",
     "num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "hidden_size",
     "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
     "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "position_embedding_type",
     "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
-    "max_position_embeddings", "sliding_window", "attention_bias", "mlp_bias",
-    "scale_attn_weights", "is_decoder", "is_encoder_decoder")
+    "attention_bias", "mlp_bias", "scale_attn_weights", "is_decoder", "is_encoder_decoder")
 
 
 def _architecture(model: nn.Module) -> dict:
@@ -1057,17 +1065,21 @@ def _named_tensors(model: nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _take_bundle_dtypes(model: nn.Module, tensors: dict) -> None:
-    """Every parameter or buffer of `model` that the bundle holds in another dtype, or
-    that is on the meta device, is replaced (in place, once for a tensor shared under
-    several names) by an empty one of the bundle's dtype on the CPU, which load_state_dict
-    then fills: the loaded model is the saved one, not the bundle cast to the skeleton's
-    dtype around routed layers that keep the bundle's."""
+def _take_bundle_dtypes(path: str, model: nn.Module, tensors: dict) -> None:
+    """Every parameter or buffer of `model` that the bundle holds in another floating
+    dtype, or that is on the meta device, is swapped (once for a tensor shared under
+    several names, so ties stay ties) for an empty one of the bundle's dtype on the CPU,
+    which load_state_dict then fills: the tensors the bundle holds load as saved, not cast
+    to the skeleton's dtype around routed layers that keep the bundle's. (Buffers it does
+    not hold, computed ones such as RoPE's inv_freq, keep the skeleton's dtype.)"""
     replaced = {}
     for name, old in list(_named_tensors(model)):
         saved = tensors.get(name)
         if saved is None or (old.dtype == saved.dtype and not old.is_meta):
             continue
+        if old.dtype != saved.dtype and not (old.is_floating_point() and saved.is_floating_point()):
+            raise ValueError(f"{path} holds {name!r} as {saved.dtype}, the base skeleton as "
+                             f"{old.dtype}: only floating dtypes may differ")
         new = replaced.get(id(old))
         if new is None:
             data = torch.empty(old.shape, dtype=saved.dtype,
@@ -1086,7 +1098,7 @@ def _take_bundle_dtypes(model: nn.Module, tensors: dict) -> None:
 def _check_first_pass(first_pass, scale) -> None:
     if first_pass not in FIRST_PASSES:
         raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
             or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"first_pass_scale must be a finite number > 0, got {scale!r}")
 
@@ -1349,7 +1361,7 @@ def _router_layer_list(router_layer: RouterLayers, model: nn.Module) -> list:
 
 def _check_per_sample_routing(routing: Routing, T: Optional[int] = None) -> None:
     """A Routing of int64 indices (B, k), one row per sample, and weights of their shape;
-    with T, task ids in [-1, T) (named by sample here: the op would name a token row)."""
+    with T, task ids in [-1, T) (named by sample here: the op names a layer's row)."""
     indices, weights = getattr(routing, "indices", None), getattr(routing, "weights", None)
     if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
         raise TypeError(f"routing must be a Routing (indices, weights, residuals), got "
@@ -1358,7 +1370,9 @@ def _check_per_sample_routing(routing: Routing, T: Optional[int] = None) -> None
         raise ValueError(f"routing must hold int64 indices (B, k), one row per sample, and "
                          f"weights of their shape; got indices {tuple(indices.shape)} "
                          f"{indices.dtype}, weights {tuple(weights.shape)}")
-    if T is not None:
+    # On the CPU and eager only: reading the values would wait for a GPU, and break a
+    # compiled graph (the op checks them too, by row).
+    if T is not None and indices.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (indices < -1) | (indices >= T)
         if bool(bad.any()):
             sample, slot = bad.nonzero()[0].tolist()

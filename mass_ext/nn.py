@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import acc_dtype, check_layer_inputs, check_routing_options
+from ._validation import acc_dtype, check_layer_inputs, check_routing_options, routing_options
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -230,7 +230,7 @@ class RoutedLinear(nn.Module):
         self.register_buffer("U_t", U.detach().transpose(1, 2).contiguous())
         self.register_buffer("S", S.detach().clone().contiguous())
         self.register_buffer("V", V.detach().clone().contiguous())
-        self.top_k, self.temperature, self.threshold, self.weighting = (
+        self.top_k, self.temperature, self.threshold, self.weighting = routing_options(
             top_k, temperature, threshold, weighting)
         self.state: Optional[_RouteState] = None  # set by MASS
         # What a call outside any MASS pass does: "self" (route each row), or "refuse"

@@ -39,11 +39,11 @@ def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, thresho
     Gradients flow to x, weight, bias, U, S, V (and `weights` in the pre-routed form)
     through the selected tasks; the routing decision itself is a constant.
     """
-    check.check_argument_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V, indices=indices,
-                               weights=weights)
+    check.check_tensor_types(indices=indices, weights=weights)
     check.check_indices_weights_pair(indices, weights)
-    if indices is None:
+    if indices is None:  # self_routed checks the rest
         return self_routed(x, weight, bias, U, S, V, top_k, temperature, threshold, weighting)[0]
+    check.check_tensor_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V)
     if not _LOADED:
         return reference.routed_linear(x, weight, bias, U, S, V, indices=indices, weights=weights)
     return torch.ops.mass_ext.routed_linear_prerouted(x, weight, bias, U, S, V, indices, weights)
@@ -51,9 +51,9 @@ def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, thresho
 
 def self_routed(x, weight, bias, U, S, V, top_k, temperature, threshold, weighting):
     """The self-routed form with the routing it used: (out, indices, weights)."""
-    check.check_argument_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V, top_k=top_k,
-                               temperature=temperature, threshold=threshold,
-                               weighting=weighting)
+    check.check_tensor_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V)
+    top_k, temperature, threshold, weighting = check.routing_options(top_k, temperature,
+                                                                     threshold, weighting)
     if not _LOADED:
         return _reference_routed_linear(x, weight, bias, U, S, V, top_k, temperature, threshold,
                                         weighting)
@@ -75,8 +75,9 @@ def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform")
     weights (..., k), residuals (..., T))`, weights/residuals in float32 (float64 for
     float64 x). Not differentiable.
     """
-    check.check_argument_types(x=x, V=V, top_k=top_k, temperature=temperature,
-                               threshold=threshold, weighting=weighting)
+    check.check_tensor_types(x=x, V=V)
+    top_k, temperature, threshold, weighting = check.routing_options(top_k, temperature,
+                                                                     threshold, weighting)
     if not _LOADED:
         return reference.route(x, V, top_k, temperature=temperature, threshold=threshold,
                                weighting=weighting)

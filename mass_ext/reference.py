@@ -73,8 +73,9 @@ def select_tasks(residuals, top_k, temperature, threshold, weighting):
 
 def route(x, V, top_k=1, *, temperature=1.0, threshold=0.0, weighting="uniform") -> Routing:
     """Reference of `mass_ext.route`."""
-    check.check_argument_types(x=x, V=V, top_k=top_k, temperature=temperature,
-                               threshold=threshold, weighting=weighting)
+    check.check_tensor_types(x=x, V=V)
+    top_k, temperature, threshold, weighting = check.routing_options(top_k, temperature,
+                                                                     threshold, weighting)
     T, _, _ = check.check_route_inputs(x, V)
     check.check_routing_options(top_k, T, temperature, threshold, weighting)
     acc = check.acc_dtype(x.dtype)
@@ -116,12 +117,12 @@ def apply_experts(x, weight, bias, U, S, V, indices, weights):
 def routed_linear(x, weight, bias, U, S, V, top_k=1, *, temperature=1.0, threshold=0.0,
                   weighting="uniform", indices=None, weights=None):
     """Reference of `mass_ext.routed_linear` (self-routed, or pre-routed with indices/weights)."""
-    check.check_argument_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V, indices=indices,
-                               weights=weights)
+    check.check_tensor_types(indices=indices, weights=weights)
     check.check_indices_weights_pair(indices, weights)
+    check.check_tensor_types(x=x, weight=weight, bias=bias, U=U, S=S, V=V)
     if indices is None:  # the routing options are read (and their types checked) only here
-        check.check_option_types(top_k=top_k, temperature=temperature, threshold=threshold,
-                                 weighting=weighting)
+        top_k, temperature, threshold, weighting = check.routing_options(
+            top_k, temperature, threshold, weighting)
     _, T, _, _ = check.check_layer_inputs(x, weight, bias, U, S, V)
     if indices is None:
         check.check_routing_options(top_k, T, temperature, threshold, weighting)

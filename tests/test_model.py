@@ -1009,3 +1009,93 @@ def test_load_onto_a_task_model_names_the_part_that_fits(tiny_bert, tmp_path):
                                          r"its 'bert' part, e.g. skeleton.bert"):
         MASS.load(tmp_path / "bert.safetensors", task_model)
     MASS.load(tmp_path / "bert.safetensors", task_model.bert)
+
+
+def test_load_takes_a_skeleton_rebuilt_from_the_saved_config(tiny_bert, tmp_path):
+    """The architecture record must not refuse a legitimate skeleton: one rebuilt through
+    save_pretrained / AutoConfig / from_config, or with a larger position limit in a RoPE
+    model (a limit changes nothing below it)."""
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", progress=False).eval()
+    mm.save(tmp_path / "bert.safetensors")
+    base.config.save_pretrained(tmp_path / "config")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "config")
+    loaded = MASS.load(tmp_path / "bert.safetensors", transformers.AutoModel.from_config(config))
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state,
+                           mm(input_ids=ids).last_hidden_state)
+    sizes = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    llama = transformers.LlamaModel(transformers.LlamaConfig(**sizes, max_position_embeddings=64))
+    tasks = {}
+    for t in range(2):
+        tasks[f"t{t}"] = {k: v + 0.02 * torch.randn(v.shape) for k, v in llama.state_dict().items()}
+    lm = MASS.from_finetuned(llama, tasks, router_layer="layers.0.mlp.down_proj", pooling="mean",
+                             progress=False)
+    lm.save(tmp_path / "llama.safetensors")
+    longer = transformers.LlamaModel(transformers.LlamaConfig(**sizes, max_position_embeddings=4096))
+    MASS.load(tmp_path / "llama.safetensors", longer)
+
+
+def test_a_bundle_with_an_integer_tensor_where_the_skeleton_has_floats_is_refused(tiny_bert,
+                                                                                   tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, finetuned = tiny_bert
+    mm = MASS.from_finetuned(base, finetuned, router_layer="encoder.layer.1.output.dense",
+                             pooling="mean", progress=False)
+    mm.save(tmp_path / "good.safetensors")
+    with safe_open(tmp_path / "good.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    key = "embeddings.LayerNorm.weight"
+    tensors[key] = tensors[key].round().long()
+    save_file(tensors, tmp_path / "ints.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=rf"ints.safetensors holds '{key}' as torch.int64, the "
+                                         r"base skeleton as torch.float32: only floating"):
+        MASS.load(tmp_path / "ints.safetensors", transformers.BertModel(base.config))
+
+
+def test_routing_options_changed_after_the_build_are_checked_before_a_save(experts, tmp_path):
+    """A bundle saved is a bundle that loads: top_k above T is refused at the save."""
+    base, finetuned, _ = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False)
+    mm.top_k = 7
+    with pytest.raises(ValueError, match=r"top_k must be in 1..T = 1..3, got 7"):
+        mm.save(tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_numpy_and_0d_tensor_options_are_taken_as_numbers(experts):
+    """What the op's schema takes (numpy scalars, 0-d tensors) works on every path: the
+    layer, the wrapper and the reference, as Python numbers."""
+    import numpy as np
+
+    base, finetuned, subspaces = experts
+    x, _ = task_inputs(subspaces, 2)
+    options = dict(top_k=np.int64(2), temperature=np.float32(0.5), threshold=torch.tensor(0.0))
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False, **options)
+    assert (type(mm.top_k), type(mm.temperature), type(mm.threshold)) == (int, float, float)
+    layer = RoutedLinear.from_linear(base[0], [m[0].weight for m in finetuned.values()],
+                                     **options)
+    with torch.no_grad():
+        want = mass_ext.reference.routed_linear(x, *(t.detach() for t in (
+            layer.weight, layer.bias, layer.U, layer.S, layer.V)), **options)
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+        mm(x)
+
+
+def test_run_compiles_without_a_graph_break(experts):
+    """run's check of the routing's values reads data: it is left to the op under
+    torch.compile, whose graph must stay whole."""
+    base, finetuned, subspaces = experts
+    mm = MASS.from_finetuned(base, finetuned, router_layer="0", progress=False).eval()
+    x, labels = task_inputs(subspaces, 2)
+    routing = mass_ext.Routing(labels[:, None], torch.ones(len(labels), 1))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda r, v: mm.run(r, v))(routing, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
