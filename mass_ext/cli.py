@@ -256,6 +256,7 @@ def describe(path: str) -> str:
         lines = [
             f"bundle      {path} (format version {meta['format_version']})",
             f"tasks       {len(meta['task_names'])}: {', '.join(meta['task_names'])}",
+            *_model_line(meta.get("architecture")),
             f"routed      {len(meta['routed_layers'])} Linear layers, rank "
             f"{min(ranks)}..{max(ranks)}" if ranks else "routed      none",
             "router      " + ", ".join(f"{k}={v}" for k, v in router.items()),
@@ -268,6 +269,15 @@ def describe(path: str) -> str:
         f" + task factors {factor_bytes / 2**20:.1f} MiB "
         f"({(base_bytes + factor_bytes) / max(base_bytes, 1):.2f}x the base model)")
     return "\n".join(lines)
+
+
+def _model_line(architecture) -> list:
+    """The line naming the model a bundle was saved from (bundles that record it)."""
+    if not isinstance(architecture, dict) or not isinstance(architecture.get("class"), str):
+        return []
+    config = architecture.get("config") if isinstance(architecture.get("config"), dict) else {}
+    fields = ", ".join(f"{k}={v}" for k, v in config.items())
+    return [f"model       {architecture['class']}" + (f" ({fields})" if fields else "")]
 
 
 def _check_layers_against_tensors(path: str, meta: dict, shapes: dict) -> None:

@@ -76,7 +76,7 @@ def test_build_then_info(tasks, tmp_path, capsys):
     bundle = tmp_path / "b.safetensors"
     code, out, err = run_cli(capsys, *build_args(task_args, bundle, "--top-k", "2"))
     assert code == 0, err
-    assert "tasks       2: t0, t1" in out
+    assert "tasks       2: t0, t1" in out and "model       Sequential\n" in out
     code, out, err = run_cli(capsys, "info", bundle)
     assert code == 0, err
     assert "routed      2 Linear layers" in out and "top_k=2" in out
