@@ -456,49 +456,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
 }
 
 // Every merged group's W + sum_j w_j U_tj diag(S_tj) V_tj in W_acc's dtype, (G, d_out,
-// d_in), in one grouped GEMM: the groups' slots' scaled U side by side, stacked over the
-// groups ((G d_out, k r)), against each group's V stacked, transposed ((d_in, k r)), W
-// added as each tile is written. (ATen's addmm per slot ran MKL, 2x slower here and 11%
-// of two-pass MASS's second pass. With one oneDNN call and an add per group, the layer of
-// bench_model.py's top-1 batch, 384 x 384, took 1.53-1.54x one oneDNN call over the
-// batch; 1.44-1.47x this way, 2026-12-01.)
-// The operands of merged_weights' GEMM: group g's rows of lhs (G * d_out, width) hold
-// [w_1 U_t1 diag(S_t1) | w_2 U_t2 diag(S_t2) | ...] and rhs[g] (d_in, width)
-// [V_t1^T | V_t2^T | ...], both zero past the group's slots. One parallel pass, with no
-// temporaries: building them with ATen ops (zeros, products, transposed copies) took a
-// third of the merge's time (2026-12-01).
+// d_in). In float32, oneDNN's matmul per row tile of each group (cpu::batched_products_plus):
+// its operands are rows of U_t^T and V, copied as they are stored (fill_merge_rows), and
+// W is summed in its epilogue into the tile, which holds a copy of W's rows. Otherwise
+// (float64, or a torch without that matmul) one grouped GEMM: the groups' slots' scaled U
+// side by side, stacked over the groups ((G d_out, k r)), against each group's V stacked,
+// transposed ((d_in, k r)), W added as each tile is written. (ATen's addmm per slot ran
+// MKL, 2x slower here and 11% of two-pass MASS's second pass. With one oneDNN call and an
+// add per group, the layer of bench_model.py's top-1 batch, 384 x 384, took 1.53-1.54x one
+// oneDNN call over the batch; 1.44-1.47x as the grouped GEMM, 2026-12-01. The matmul,
+// without the transposed copies of U and V and the separate add of W, took the routed
+// 384 x 384 and 384 x 1536 layers 0.94-0.96x the grouped GEMM's time, the 1536 x 384 one
+// 0.99x, interleaved in one process, 2026-12-01.)
+// The operands of merged_weights' oneDNN matmul: row j r + q of lhs_t[g] (width, d_out) is
+// w_j S_tj[q] times row q of U_tj^T (contiguous when U is column-major, as RoutedLinear
+// keeps it), row j r + q of rhs[g] (width, d_in) row q of V_tj; zero past the group's slots.
 template <typename acc_t, typename scalar_t>
-void fill_merge_operands(const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
-                         const std::vector<MergedGroup>& merged, at::Tensor& lhs,
-                         at::Tensor& rhs) {
-  const int64_t G = static_cast<int64_t>(merged.size()), width = lhs.size(1);
+void fill_merge_rows(const at::Tensor& U, const at::Tensor& S, const at::Tensor& V,
+                     const std::vector<MergedGroup>& merged, at::Tensor& lhs_t, at::Tensor& rhs) {
+  const int64_t G = static_cast<int64_t>(merged.size()), width = lhs_t.size(1);
   const int64_t d_out = U.size(1), r = U.size(2), d_in = V.size(2);
   const auto U_a = U.accessor<scalar_t, 3>();
   const auto S_a = S.accessor<scalar_t, 2>();
   const auto V_a = V.accessor<scalar_t, 3>();
-  acc_t* lhs_data = lhs.mutable_data_ptr<acc_t>();
+  acc_t* lhs_data = lhs_t.mutable_data_ptr<acc_t>();
   acc_t* rhs_data = rhs.mutable_data_ptr<acc_t>();
-  const int64_t rows_per_group = d_out + d_in;  // lhs rows, then rhs rows
-  at::parallel_for(0, G * rows_per_group, grain_for(width), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, G * width, grain_for(d_out + d_in), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t g = i / rows_per_group, row = i % rows_per_group;
-      const bool is_lhs = row < d_out;
-      acc_t* dst = is_lhs ? lhs_data + (g * d_out + row) * width
-                          : rhs_data + (g * d_in + row - d_out) * width;
-      int64_t column = 0;
-      for (const auto& slot : merged[g].slots) {
-        const int64_t t = slot.first;
-        if (is_lhs) {
-          const acc_t weight = static_cast<acc_t>(slot.second);
-          for (int64_t q = 0; q < r; ++q)
-            dst[column + q] = static_cast<acc_t>(U_a[t][row][q]) *
-                              (static_cast<acc_t>(S_a[t][q]) * weight);
-        } else {
-          for (int64_t q = 0; q < r; ++q) dst[column + q] = static_cast<acc_t>(V_a[t][q][row - d_out]);
-        }
-        column += r;
+      const int64_t g = i / width, row = i % width, j = row / r, q = row % r;
+      acc_t* lhs_row = lhs_data + i * d_out;
+      acc_t* rhs_row = rhs_data + i * d_in;
+      if (j >= static_cast<int64_t>(merged[g].slots.size())) {
+        std::fill(lhs_row, lhs_row + d_out, acc_t(0));
+        std::fill(rhs_row, rhs_row + d_in, acc_t(0));
+        continue;
       }
-      std::fill(dst + column, dst + width, acc_t(0));
+      const int64_t t = merged[g].slots[j].first;
+      const acc_t scale =
+          static_cast<acc_t>(S_a[t][q]) * static_cast<acc_t>(merged[g].slots[j].second);
+      const auto U_t = U_a[t];
+      for (int64_t o = 0; o < d_out; ++o) lhs_row[o] = static_cast<acc_t>(U_t[o][q]) * scale;
+      const auto V_tq = V_a[t][q];
+      for (int64_t c = 0; c < d_in; ++c) rhs_row[c] = static_cast<acc_t>(V_tq[c]);
     }
   });
 }
@@ -506,32 +505,26 @@ void fill_merge_operands(const at::Tensor& U, const at::Tensor& S, const at::Ten
 at::Tensor merged_weights(const at::Tensor& W_acc, const at::Tensor& U, const at::Tensor& S,
                           const at::Tensor& V, const std::vector<MergedGroup>& merged) {
   const int64_t G = static_cast<int64_t>(merged.size()), d_out = W_acc.size(0);
-  int64_t width = 0;  // the widest group's k r; narrower groups' columns are zero
+  const int64_t d_in = W_acc.size(1);
+  int64_t width = 0;  // the widest group's k r; narrower groups' rows are zero
   for (const MergedGroup& group : merged)
     width = std::max<int64_t>(width, static_cast<int64_t>(group.slots.size()) * V.size(1));
-  at::Tensor lhs = at::empty({G * d_out, width}, W_acc.options());
-  at::Tensor rhs = at::empty({G, W_acc.size(1), width}, W_acc.options());
+  at::Tensor lhs_t = at::empty({G, width, d_out}, W_acc.options());
+  at::Tensor rhs = at::empty({G, width, d_in}, W_acc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "merged_weights", [&] {
     if (W_acc.scalar_type() == at::kDouble)
-      fill_merge_operands<double, scalar_t>(U, S, V, merged, lhs, rhs);
+      fill_merge_rows<double, scalar_t>(U, S, V, merged, lhs_t, rhs);
     else
-      fill_merge_operands<float, scalar_t>(U, S, V, merged, lhs, rhs);
+      fill_merge_rows<float, scalar_t>(U, S, V, merged, lhs_t, rhs);
   });
-  std::vector<at::Tensor> rhs_groups;
-  rhs_groups.reserve(G);
-  std::vector<std::vector<int64_t>> rows(G);
-  std::vector<RowGroup> gemms;
+  at::Tensor out = at::empty({G, d_out, d_in}, W_acc.options());
+  if (W_acc.scalar_type() == at::kFloat && cpu::batched_products_plus(lhs_t, rhs, W_acc, out))
+    return out;
   for (int64_t g = 0; g < G; ++g) {
-    rhs_groups.push_back(rhs.select(0, g));
-    rows[g].resize(d_out);
-    for (int64_t o = 0; o < d_out; ++o) rows[g][o] = g * d_out + o;
-    RowGroup gemm{&rhs_groups.back(), rows[g].data(), d_out};
-    gemm.addend = &W_acc;
-    gemms.push_back(gemm);
+    at::Tensor out_g = out.select(0, g);
+    at::addmm_out(out_g, W_acc, lhs_t.select(0, g).t(), rhs.select(0, g));
   }
-  at::Tensor out = at::empty({G * d_out, W_acc.size(1)}, W_acc.options());
-  grouped_linear_rows_into(lhs, gemms, c10::nullopt, out);
-  return out.view({G, d_out, W_acc.size(1)});
+  return out;
 }
 
 // Rows outside the merged groups whose kept slots name the same tasks (their weights may

@@ -6,6 +6,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -40,6 +42,19 @@ const c10::TypedOperatorHandle<OneDnnLinear>* onednn_linear() {
     }
   }();
   return handle.has_value() ? &*handle : nullptr;
+}
+
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta result + alpha
+// mat1 mat2 through oneDNN's matmul, which reads a transposed mat1 in place. Not in
+// PyTorch's installed headers: looked up by its symbol, so a torch without it (or
+// without oneDNN) still loads this extension and takes the other path.
+using OneDnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float,
+                              float);
+
+OneDnnMatmul onednn_matmul() {
+  static const OneDnnMatmul fn = reinterpret_cast<OneDnnMatmul>(
+      dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+  return fn;
 }
 
 enum class GemmChoice { kAuto, kOneDnn, kAten };
@@ -355,20 +370,13 @@ void onednn_tiles(
                          c10::List<c10::optional<at::Scalar>>(), c10::nullopt)
                    .contiguous();
         const float* y2_data = y2.defined() ? y2.const_data_ptr<float>() : nullptr;
-        const float* addend =
-            group.addend != nullptr ? group.addend->const_data_ptr<float>() + it.n0 : nullptr;
-        // Row by row, in one pass over the output row: the product, + the second product,
-        // + the addend (summed in this order).
+        // Row by row, in one pass over the output row: the product (+ the second product).
         for (int64_t m = it.m0; m < it.m1; ++m) {
           float* target = out_data + output_row(group, m) * N + it.n0;
           const float* product = y_data + (m - it.m0) * cols;
-          const float* second = y2_data != nullptr ? y2_data + (m - it.m0) * cols : nullptr;
-          const float* added = addend != nullptr ? addend + m * N : nullptr;
-          if (second != nullptr && added != nullptr) {
-            for (int64_t c = 0; c < cols; ++c) target[c] = (product[c] + second[c]) + added[c];
-          } else if (second != nullptr || added != nullptr) {
-            const float* other = second != nullptr ? second : added;
-            for (int64_t c = 0; c < cols; ++c) target[c] = product[c] + other[c];
+          if (y2_data != nullptr) {
+            const float* second = y2_data + (m - it.m0) * cols;
+            for (int64_t c = 0; c < cols; ++c) target[c] = product[c] + second[c];
           } else {
             std::memcpy(target, product, sizeof(float) * cols);
           }
@@ -400,6 +408,45 @@ c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias)
 
 }  // namespace
 
+// batched_products_plus's row tiles: about kProductTileMacs multiply-adds each (tiles of
+// 1x kMinTileMacs took the merge of bench_model.py's three MiniLM layer shapes 0.2-2%
+// longer, 2x, 4x and 8x within 1% of each other, 2026-12-01), halved while there are
+// fewer than two per CPU and they stay above kMinTileRows and kMinTileMacs. From the
+// shape and the CPU count alone, so the bits do not depend on the thread count.
+constexpr double kProductTileMacs = 4 * kMinTileMacs;
+
+bool batched_products_plus(const at::Tensor& lhs_t, const at::Tensor& rhs,
+                           const at::Tensor& addend, at::Tensor& out) {
+  const int64_t G = lhs_t.size(0), K = lhs_t.size(1), M = lhs_t.size(2), N = rhs.size(2);
+  const double row_macs = static_cast<double>(N) * static_cast<double>(K);
+  const GemmChoice choice = gemm_choice();
+  const OneDnnMatmul matmul = choice == GemmChoice::kAten ? nullptr : onednn_matmul();
+  if (matmul == nullptr || G == 0 || M == 0 || N == 0 ||
+      (choice == GemmChoice::kAuto && static_cast<double>(G * M) * row_macs < kOneDnnMinMacs))
+    return false;
+  const auto tile_rows = static_cast<int64_t>(kProductTileMacs / std::max(row_macs, 1.0));
+  int64_t rows = std::min(M, std::max(kMinTileRows, tile_rows));
+  while (G * ceil_div(M, rows) < 2 * machine_cpus() && rows / 2 >= kMinTileRows &&
+         static_cast<double>(rows / 2) * row_macs >= kMinTileMacs)
+    rows = ceil_div(M, 2 * ceil_div(M, rows));  // twice the tiles, equal again
+  const int64_t blocks = ceil_div(M, rows), items = G * blocks;
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(float));
+  const char* addend_data = static_cast<const char*>(addend.const_data_ptr());
+  const at::ThreadLocalState caller_state;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    OneThreadPerCall one_thread;
+    for (int64_t i = next++; i < items; i = next++) {
+      const int64_t g = i / blocks, m0 = (i % blocks) * rows, m1 = std::min(M, m0 + rows);
+      at::Tensor target = out.select(0, g).narrow(0, m0, m1 - m0);
+      std::memcpy(target.mutable_data_ptr(), addend_data + m0 * row_bytes, (m1 - m0) * row_bytes);
+      matmul(lhs_t.select(0, g).narrow(1, m0, m1 - m0).t(), rhs.select(0, g), target, 1.0f, 1.0f);
+    }
+  });
+  return true;
+}
+
 at::Tensor linear_rows(
     const at::Tensor& rows, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   if (const auto* linear = onednn_for(rows, weight)) {
@@ -424,11 +471,7 @@ void grouped_linear_rows_into(
         (group.extra_weight == nullptr ||
          (group.extra_rows && group.extra_weight->size(0) == out.size(1) &&
           group.extra_weight->is_contiguous() &&
-          group.extra_weight->scalar_type() == rows.scalar_type())) &&
-        (group.addend == nullptr ||
-         (group.addend->is_contiguous() && group.addend->size(0) == group.count &&
-          group.addend->size(1) == out.size(1) &&
-          group.addend->scalar_type() == rows.scalar_type())));
+          group.extra_weight->scalar_type() == rows.scalar_type())));
   // The library is chosen for all groups' rows together, as the tiles are.
   const auto* linear = out.scalar_type() == at::kFloat ? onednn_for(rows, *groups.front().weight)
                                                       : nullptr;
@@ -443,7 +486,6 @@ void grouped_linear_rows_into(
     if (group.extra_weight != nullptr)
       product.add_(linear_rows(extra_rows(input, group, 0, group.count), *group.extra_weight,
                                c10::nullopt));
-    if (group.addend != nullptr) product.add_(*group.addend);
     std::vector<int64_t> targets(group.count);
     for (int64_t m = 0; m < group.count; ++m) targets[m] = output_row(group, m);
     out.index_copy_(0, at::tensor(targets, at::kLong), product);

@@ -24,7 +24,7 @@ at::Tensor linear_rows(
 // One product of a grouped GEMM: `count` rows of the shared input (rows[m], or m when
 // rows is null) times weight^T (contiguous, (N, K), the input's dtype), plus, when
 // extra_weight is given, the rows extra_rows writes times extra_weight^T ((N, K2),
-// contiguous), plus addend's row m when given; row m lands in row out_rows[m] of the output (out_rows null: the input
+// contiguous); row m lands in row out_rows[m] of the output (out_rows null: the input
 // row). Non-owning.
 struct RowGroup {
   const at::Tensor* weight;
@@ -35,8 +35,6 @@ struct RowGroup {
   // extra_rows(m0, m1, dst): the second product's input rows [m0, m1) into dst
   // ((m1 - m0, K2), contiguous, the input's dtype).
   std::function<void(int64_t, int64_t, at::Tensor&)> extra_rows = nullptr;
-  // Added to the result: (count, N), contiguous, row m to the group's row m.
-  const at::Tensor* addend = nullptr;
 };
 
 // For each group, its input rows times its weight^T, + bias, written into its output rows
@@ -46,6 +44,14 @@ struct RowGroup {
 void grouped_linear_rows_into(
     const at::Tensor& rows, const std::vector<RowGroup>& groups,
     const c10::optional<at::Tensor>& bias, at::Tensor& out);
+
+// out[g] = addend + lhs_t[g]^T rhs[g] for every g, float32: lhs_t (G, K, M), rhs (G, K, N),
+// addend (M, N), out (G, M, N), all contiguous. Fixed row tiles of each out[g], one
+// oneDNN matmul each on one thread (bitwise the same for any thread count), the addend
+// summed in its epilogue. Returns false, writing nothing, where this torch lacks oneDNN's
+// matmul.
+bool batched_products_plus(const at::Tensor& lhs_t, const at::Tensor& rhs,
+                           const at::Tensor& addend, at::Tensor& out);
 
 }  // namespace cpu
 }  // namespace mass_ext
