@@ -81,19 +81,23 @@ def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
     groups."""
     monkeypatch.setenv("MASS_EXT_CPU_GEMM", "onednn")
     layer = make_layer(5, 32, 70, 1030, seed=46)
+    W, b, U, S, V = layer.params
     x = make_x((1300, 70), seed=47)
     threads = torch.get_num_threads()
-    for indices, weights in (_grouped_routing(1300, 5, generator(48)),
-                             _task_set_routing(1300, 5, generator(48))):
-        try:
-            outputs = []
-            for count in (1, 2, 3, 16):
-                torch.set_num_threads(count)
-                outputs.append(mass_ext.routed_linear(x, *layer.params, indices=indices,
-                                                      weights=weights))
-        finally:
-            torch.set_num_threads(threads)
-        assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    # U as given (row-major per task) and as RoutedLinear keeps it (column-major, which
+    # the merge and the expand read in another order: bits may differ between layouts).
+    for U_layout in (U, U.transpose(1, 2).contiguous().transpose(1, 2)):
+        for indices, weights in (_grouped_routing(1300, 5, generator(48)),
+                                 _task_set_routing(1300, 5, generator(48))):
+            try:
+                outputs = []
+                for count in (1, 2, 3, 16):
+                    torch.set_num_threads(count)
+                    outputs.append(mass_ext.routed_linear(x, W, b, U_layout, S, V,
+                                                          indices=indices, weights=weights))
+            finally:
+                torch.set_num_threads(threads)
+            assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 def _zero_update_layer(rows, d_in, d_out, seed):
