@@ -84,8 +84,9 @@ def test_merged_groups_do_not_depend_on_thread_count(monkeypatch):
     W, b, U, S, V = layer.params
     x = make_x((1300, 70), seed=47)
     threads = torch.get_num_threads()
-    # U as given (row-major per task) and as RoutedLinear keeps it (column-major, which
-    # the merge and the expand read in another order: bits may differ between layouts).
+    # U as given (row-major per task) and as RoutedLinear keeps it (column-major: the
+    # expand of the rows outside the groups sums in another order, so bits may differ
+    # between the layouts, not between thread counts).
     for U_layout in (U, U.transpose(1, 2).contiguous().transpose(1, 2)):
         for indices, weights in (_grouped_routing(1300, 5, generator(48)),
                                  _task_set_routing(1300, 5, generator(48))):
