@@ -459,15 +459,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_linear_cpu(
 // d_in). In float32, oneDNN's matmul per row tile of each group (cpu::batched_products_plus):
 // its operands are rows of U_t^T and V, copied as they are stored (fill_merge_rows), and
 // W is summed in its epilogue into the tile, which holds a copy of W's rows. Otherwise
-// (float64, or a torch without that matmul) one grouped GEMM: the groups' slots' scaled U
-// side by side, stacked over the groups ((G d_out, k r)), against each group's V stacked,
-// transposed ((d_in, k r)), W added as each tile is written. (ATen's addmm per slot ran
-// MKL, 2x slower here and 11% of two-pass MASS's second pass. With one oneDNN call and an
-// add per group, the layer of bench_model.py's top-1 batch, 384 x 384, took 1.53-1.54x one
-// oneDNN call over the batch; 1.44-1.47x as the grouped GEMM, 2026-12-01. The matmul,
-// without the transposed copies of U and V and the separate add of W, took the routed
-// 384 x 384 and 384 x 1536 layers 0.94-0.96x the grouped GEMM's time, the 1536 x 384 one
-// 0.99x, interleaved in one process, 2026-12-01.)
+// (float64, MASS_EXT_CPU_GEMM=aten, a small merge, or a torch without that matmul) ATen's
+// addmm per group. (ATen's addmm runs MKL, 2x slower here: per slot it was 11% of
+// two-pass MASS's second pass. A grouped oneDNN GEMM over transposed copies of U and V,
+// with W added as each tile was written, took the routed layers of bench_model.py's top-1
+// batch 1.04-1.06x the matmul's time on the 384 x 384 and 384 x 1536 layers and 1.01x on
+// the 1536 x 384 one, interleaved in one process, 2026-12-01.)
 // The operands of merged_weights' oneDNN matmul: row j r + q of lhs_t[g] (width, d_out) is
 // w_j S_tj[q] times row q of U_tj^T (contiguous when U is column-major, as RoutedLinear
 // keeps it), row j r + q of rhs[g] (width, d_in) row q of V_tj; zero past the group's slots.

@@ -157,7 +157,8 @@ def check_layer_inputs(x, weight, bias, U, S, V):
     return d_out, T, r, d_in
 
 
-def check_routing_options(top_k, T, temperature, threshold, weighting) -> None:
+def check_routing_options(top_k, T, temperature, threshold, weighting) -> tuple:
+    """Types and ranges of the routing options; returns them as routing_options does."""
     top_k, temperature, threshold, weighting = routing_options(top_k, temperature, threshold,
                                                                weighting)
     torch._check_value(
@@ -175,6 +176,7 @@ def check_routing_options(top_k, T, temperature, threshold, weighting) -> None:
         lambda: "weighting must be one of 'uniform', 'softmax', 'renormalized', "
         f"got '{weighting}'",
     )
+    return top_k, temperature, threshold, weighting
 
 
 def check_prerouted_inputs(x, indices, weights) -> None:
@@ -255,15 +257,17 @@ def check_group_values(groups: torch.Tensor, G: int) -> None:
                          f"{int(groups.reshape(-1)[row])} at row {row}")
 
 
-def check_index_values(indices: torch.Tensor, T: int) -> None:
-    """Eager-only (reads the data): every index in [-1, T)."""
+def check_index_values(indices: torch.Tensor, T: int, name: str = "indices",
+                       row: str = "row") -> None:
+    """Eager-only (reads the data): every index in [-1, T); the first one out of range
+    named by its `row` (a row of x; a sample, for a per-sample routing) and slot."""
     bad = (indices < -1) | (indices >= T)
     if bool(bad.any()):
         pos = bad.reshape(-1, indices.shape[-1]).nonzero()[0].tolist()
         value = int(indices.reshape(-1, indices.shape[-1])[pos[0], pos[1]])
         raise IndexError(
-            f"indices must hold task ids in [-1, T) = [-1, {T}), got {value} "
-            f"at row {pos[0]}, slot {pos[1]}"
+            f"{name} must hold task ids in [-1, T) = [-1, {T}), got {value} "
+            f"at {row} {pos[0]}, slot {pos[1]}"
         )
 
 

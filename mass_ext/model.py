@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from ._validation import check_routing_options, routing_options
+from ._validation import check_index_values, check_routing_options
 from .nn import (RoutedLinear, _RouteState, check_rank, default_rank, is_linear, linear_weight,
                  task_factors)
 from .routing import Routing
@@ -334,7 +334,8 @@ class MASS(nn.Module):
             raise ValueError(f"every routed layer must hold one block per task "
                              f"({len(self.task_names)} task_names), but these hold another "
                              f"number: {other_counts}")
-        check_routing_options(top_k, len(self.task_names), temperature, threshold, weighting)
+        options = check_routing_options(top_k, len(self.task_names), temperature, threshold,
+                                        weighting)
         self.router_layers = _router_layer_list(router_layer, model)
         for name in self.router_layers:
             if name not in self.routed:
@@ -351,8 +352,7 @@ class MASS(nn.Module):
                 "(model.get_encoder()); a pooling callable (router input, forward kwargs) "
                 "may route on any layer")
         self.first_pass, self.first_pass_scale = first_pass, first_pass_scale
-        self.top_k, self.temperature, self.threshold, self.weighting = routing_options(
-            top_k, temperature, threshold, weighting)
+        self.top_k, self.temperature, self.threshold, self.weighting = options
         self._state = _RouteState()
         self._bind_layers()
         self.routing: Optional[Routing] = None
@@ -383,8 +383,7 @@ class MASS(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode)
         self._mode = mode
         if "_state" in self.__dict__:
             self._bind_layers()
@@ -492,8 +491,7 @@ class MASS(nn.Module):
                 raise ValueError(f"router_layer {name!r} cannot be routed (not in target, or "
                                  f"its parent reads the weight directly)")
         check_routing_options(top_k, T, temperature, threshold, weighting)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode)
         _check_pooling(pooling)
         _check_first_pass(first_pass, first_pass_scale)
         if first_pass_scale != 1.0 and first_pass != "tsvm":
@@ -1095,6 +1093,11 @@ def _take_bundle_dtypes(path: str, model: nn.Module, tensors: dict) -> None:
             module._buffers[leaf] = new
 
 
+def _check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 def _check_first_pass(first_pass, scale) -> None:
     if first_pass not in FIRST_PASSES:
         raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}")
@@ -1373,11 +1376,7 @@ def _check_per_sample_routing(routing: Routing, T: Optional[int] = None) -> None
     # On the CPU and eager only: reading the values would wait for a GPU, and break a
     # compiled graph (the op checks them too, by row).
     if T is not None and indices.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (indices < -1) | (indices >= T)
-        if bool(bad.any()):
-            sample, slot = bad.nonzero()[0].tolist()
-            raise IndexError(f"routing.indices must hold task ids in [-1, T) = [-1, {T}), got "
-                             f"{int(indices[sample, slot])} for sample {sample}, slot {slot}")
+        check_index_values(indices, T, "routing.indices", "sample")
 
 
 def pick_head(head_logits: Sequence[torch.Tensor], routing: Routing):

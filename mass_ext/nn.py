@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import acc_dtype, check_layer_inputs, check_routing_options, routing_options
+from ._validation import acc_dtype, check_layer_inputs, check_routing_options
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -211,7 +211,7 @@ class RoutedLinear(nn.Module):
         # The op's own shape/dtype/option checks, now rather than at the first call, on an
         # empty input of the right width.
         check_layer_inputs(weight.new_empty(0, weight.shape[-1]), weight, bias, U, S, V)
-        check_routing_options(top_k, V.shape[0], temperature, threshold, weighting)
+        options = check_routing_options(top_k, V.shape[0], temperature, threshold, weighting)
         # The op assumes finite factors (checking them would cost a pass over U, S and V
         # per call): a non-finite entry of one task may spoil rows routed elsewhere.
         for name, factor in (("U", U), ("S", S), ("V", V)):
@@ -230,8 +230,7 @@ class RoutedLinear(nn.Module):
         self.register_buffer("U_t", U.detach().transpose(1, 2).contiguous())
         self.register_buffer("S", S.detach().clone().contiguous())
         self.register_buffer("V", V.detach().clone().contiguous())
-        self.top_k, self.temperature, self.threshold, self.weighting = routing_options(
-            top_k, temperature, threshold, weighting)
+        self.top_k, self.temperature, self.threshold, self.weighting = options
         self.state: Optional[_RouteState] = None  # set by MASS
         # What a call outside any MASS pass does: "self" (route each row), or "refuse"
         # (raise; set by a two-pass MASS, whose decisions come from its pass 1).

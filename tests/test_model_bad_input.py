@@ -459,9 +459,9 @@ def test_run_and_applying_check_the_routing(experts):
     for bad in (3, -2):
         routing = Routing(torch.tensor([[0], [1], [bad]]), torch.ones(3, 1), None)
         with pytest.raises(IndexError, match=r"routing.indices must hold task ids in \[-1, T\) "
-                                             rf"= \[-1, 3\), got {bad} for sample 2, slot 0"):
+                                             rf"= \[-1, 3\), got {bad} at sample 2, slot 0"):
             mm.run(routing, torch.randn(3, D_IN))
-        with pytest.raises(IndexError, match=rf"got {bad} for sample 2"):
+        with pytest.raises(IndexError, match=rf"got {bad} at sample 2"):
             with mm.applying(routing):
                 pass
 

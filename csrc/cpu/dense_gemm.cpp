@@ -387,18 +387,19 @@ void onednn_tiles(
 }
 
 // linear_rows's choice of library: oneDNN's linear, or null for ATen.
+// Whether MASS_EXT_CPU_GEMM sends a float32 GEMM of `macs` multiply-adds to oneDNN.
+bool onednn_chosen(double macs) {
+  const GemmChoice choice = gemm_choice();
+  return choice == GemmChoice::kOneDnn || (choice == GemmChoice::kAuto && macs >= kOneDnnMinMacs);
+}
+
 const c10::TypedOperatorHandle<OneDnnLinear>* onednn_for(
     const at::Tensor& rows, const at::Tensor& weight) {
   const int64_t M = rows.size(0), K = rows.size(1), N = weight.size(0);
-  const GemmChoice choice = gemm_choice();
-  const c10::TypedOperatorHandle<OneDnnLinear>* linear =
-      choice == GemmChoice::kAten ? nullptr : onednn_linear();
   const bool use_onednn =
-      linear != nullptr && rows.scalar_type() == at::kFloat && M > 0 && K > 0 && N > 0 &&
-      weight.is_contiguous() &&
-      (choice == GemmChoice::kOneDnn ||
-       static_cast<double>(M) * static_cast<double>(K) * static_cast<double>(N) >= kOneDnnMinMacs);
-  return use_onednn ? linear : nullptr;
+      rows.scalar_type() == at::kFloat && M > 0 && K > 0 && N > 0 && weight.is_contiguous() &&
+      onednn_chosen(static_cast<double>(M) * static_cast<double>(K) * static_cast<double>(N));
+  return use_onednn ? onednn_linear() : nullptr;
 }
 
 c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {
@@ -419,10 +420,9 @@ bool batched_products_plus(const at::Tensor& lhs_t, const at::Tensor& rhs,
                            const at::Tensor& addend, at::Tensor& out) {
   const int64_t G = lhs_t.size(0), K = lhs_t.size(1), M = lhs_t.size(2), N = rhs.size(2);
   const double row_macs = static_cast<double>(N) * static_cast<double>(K);
-  const GemmChoice choice = gemm_choice();
-  const OneDnnMatmul matmul = choice == GemmChoice::kAten ? nullptr : onednn_matmul();
+  const OneDnnMatmul matmul = onednn_matmul();
   if (matmul == nullptr || G == 0 || M == 0 || N == 0 ||
-      (choice == GemmChoice::kAuto && static_cast<double>(G * M) * row_macs < kOneDnnMinMacs))
+      !onednn_chosen(static_cast<double>(G * M) * row_macs))
     return false;
   const auto tile_rows = static_cast<int64_t>(kProductTileMacs / std::max(row_macs, 1.0));
   int64_t rows = std::min(M, std::max(kMinTileRows, tile_rows));
